@@ -1,0 +1,252 @@
+"""The `kanana-quant` command line: it only wires the library's steps together."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kanana_quant.errors import KananaQuantError
+from kanana_quant.progress import console, log, progress_bar
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize Kanana LLMs and run them offline on a CPU.")
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+ENGINES = ("numpy",)
+
+ModelArg = typer.Argument(..., help="Local model directory or Hugging Face id.")
+
+
+def _load(model: str, max_seq_len: int | None = None, engine: str = "numpy"):
+    from kanana_quant.loader import open_model
+    from kanana_quant.runtimes.numpy_engine import NumpyEngine
+
+    if engine not in ENGINES:
+        raise KananaQuantError(f"--engine {engine!r} is not available; choose one of: {', '.join(ENGINES)}")
+    loaded = open_model(model)
+    with progress_bar(f"loading {loaded.path.name}", loaded.config.num_layers) as advance:
+        runtime = NumpyEngine(loaded.weights, max_seq_len=max_seq_len, on_layer=advance)
+    return loaded, runtime
+
+
+def _sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: Optional[int]):
+    from kanana_quant.runtimes.sampling import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed)
+
+
+@app.command()
+def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Shapes, parameter count, bytes, RoPE and MoE layout of a model."""
+    from kanana_quant.checkpoint import HFCheckpoint
+    from kanana_quant.hub import resolve_model
+
+    ckpt = HFCheckpoint(resolve_model(model))
+    cfg = ckpt.config
+    rope = cfg.rope_scaling
+    facts = {
+        "path": str(ckpt.dir), "architecture": cfg.architecture, "parameters": cfg.num_parameters(),
+        "bytes": ckpt.nbytes(), "dtype": cfg.torch_dtype, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+        "intermediate": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "context": cfg.max_position_embeddings,
+        "tied_embeddings": cfg.tie_word_embeddings, "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if rope is None else {"type": rope.rope_type, "factor": rope.factor,
+                                                   "original_context": rope.original_max_position_embeddings},
+        "moe": None if cfg.moe is None else {"experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
+                                             "expert_intermediate": cfg.moe.expert_intermediate_size,
+                                             "norm_topk_prob": cfg.moe.norm_topk_prob,
+                                             "naming": cfg.moe.naming},
+    }
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return
+    for key, value in facts.items():
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e9:.2f} B)"
+        elif key == "bytes":
+            value = f"{value:,} ({value / 1e9:.2f} GB)"
+        print(f"{key:16} {value}")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "-o", "--out", help="Output model directory."),
+    preset: Optional[str] = typer.Option(None, help="Full-size Kanana preset, e.g. kanana-1.5-2.1b."),
+    tiny: Optional[str] = typer.Option(None, help="Tiny test model: dense, moe (Mixtral) or qwen-moe."),
+    seed: int = typer.Option(0, help="Random seed for the weights."),
+    dtype: str = typer.Option("", help="F32, F16 or BF16 (default: F32 for tiny, BF16 for presets)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+):
+    """Write a Kanana-shaped HF model with random weights and a small trained tokenizer."""
+    from kanana_quant import kanana
+    from kanana_quant.synth import TINY, preset_config, synth_model
+
+    if (preset is None) == (tiny is None):
+        raise KananaQuantError(f"give exactly one of --preset ({', '.join(kanana.PRESETS)}) "
+                               f"or --tiny ({', '.join(TINY)})")
+    config = preset_config(preset if preset else f"tiny-{tiny}")
+    dtype = dtype.upper() or ("BF16" if preset else "F32")
+    from kanana_quant.config import ModelConfig
+    from kanana_quant.names import canonical_names
+
+    total = len(canonical_names(ModelConfig.from_hf(config, "preset")))
+    with progress_bar(f"writing {out.name}", total) as advance:
+        synth_model(out, config, seed=seed, dtype=dtype, overwrite=overwrite, on_tensor=advance)
+    log(f"wrote {out}")
+
+
+@app.command()
+def generate(
+    model: str = ModelArg,
+    prompt: str = typer.Option(..., help="Prompt text."),
+    max_tokens: int = typer.Option(64, help="Maximum new tokens."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="HF-style repetition penalty (1 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+    chat_template: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn in the chat template."),
+    engine: str = typer.Option("numpy", help="Engine: numpy."),
+):
+    """Print the continuation of PROMPT (only the new text on stdout; logs on stderr)."""
+    from kanana_quant.runtimes.generate import generate as run
+
+    if max_tokens < 1:
+        raise KananaQuantError(f"--max-tokens must be at least 1, got {max_tokens}")
+    params = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    loaded, runtime = _load(model, engine=engine)
+    tok = loaded.tokenizer
+    ids = (tok.encode_chat([{"role": "user", "content": prompt}]) if chat_template
+           else tok.encode(prompt, add_special_tokens=True))
+    stream, count, start = tok.stream(), 0, time.perf_counter()
+    for token in run(runtime, ids, max_tokens, params, tok.eos_ids):
+        count += 1
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(stream.flush() + "\n")
+    elapsed = time.perf_counter() - start
+    log(f"[dim]{count} tokens in {elapsed:.2f} s ({count / elapsed:.1f} tokens/s, prompt {len(ids)} tokens)[/dim]")
+
+
+@app.command(name="eval")
+def evaluate(
+    model: str = ModelArg,
+    text: Path = typer.Option(..., help="UTF-8 text file to score."),
+    ctx: int = typer.Option(512, help="Window length in tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    engine: str = typer.Option("numpy", help="Engine: numpy."),
+):
+    """Perplexity over consecutive non-overlapping windows of CTX tokens (no BOS, each window alone)."""
+    from kanana_quant.eval import perplexity
+
+    if not text.is_file():
+        raise KananaQuantError(f"{text}: no such text file")
+    try:
+        body = text.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KananaQuantError(f"{text}: not UTF-8 text") from None
+    loaded, runtime = _load(model, max_seq_len=ctx, engine=engine)
+    ids = loaded.tokenizer.encode(body, add_special_tokens=False)
+    with progress_bar("scoring windows", max(len(ids) // max(ctx, 1), 1)) as advance:
+        result = perplexity(runtime, ids, ctx, on_window=advance)
+    result = {"model": str(loaded.path), "text": str(text), "engine": runtime.name, **result}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"windows: {result['windows']} x {ctx} tokens, scored tokens: {result['tokens']}")
+        print(f"perplexity: {result['perplexity']:.4f}")
+
+
+@app.command()
+def chat(
+    model: str = ModelArg,
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    max_tokens: int = typer.Option(512, help="Maximum tokens per reply."),
+    temperature: float = typer.Option(0.7),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(0.9),
+    repetition_penalty: float = typer.Option(1.0),
+    seed: Optional[int] = typer.Option(None),
+    engine: str = typer.Option("numpy", help="Engine: numpy."),
+):
+    """Interactive chat with streaming replies. /reset clears the history, /exit or Ctrl-D quits;
+    Ctrl-C stops a reply without ending the session."""
+    from kanana_quant.runtimes.generate import ChatSession
+
+    params = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    loaded, runtime = _load(model, engine=engine)
+    session = ChatSession(runtime, loaded.tokenizer, params, max_tokens, system)
+    log(f"[bold]chatting with {loaded.path.name}[/bold] — /reset clears history, /exit quits, Ctrl-C stops a reply")
+    while True:
+        try:
+            user = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if user.strip() in ("/exit", "/quit"):
+            return
+        if user.strip() == "/reset":
+            session.reset()
+            log("[dim]history cleared[/dim]")
+            continue
+        if not user.strip():
+            continue
+        reply = session.reply(user)
+        try:
+            for piece in reply:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            reply.close()
+            log("\n[dim](reply stopped)[/dim]")
+        print()
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("kanana-quant-demo"), "-o", "--out", help="Folder for the demo's outputs."),
+    max_tokens: int = typer.Option(24, help="Tokens to generate per prompt."),
+):
+    """The pipeline on a small model: for now synthesise a tiny Kanana-shaped model, run it, report speed."""
+    from kanana_quant.loader import open_model
+    from kanana_quant.runtimes.generate import generate as run
+    from kanana_quant.runtimes.numpy_engine import NumpyEngine
+    from kanana_quant.runtimes.sampling import SamplingParams
+    from kanana_quant.synth import TINY, synth_model
+
+    model_dir = out / "tiny-kanana"
+    log(f"[bold]1/2[/bold] synthesising a tiny Kanana-shaped model (random weights) in {model_dir}")
+    synth_model(model_dir, TINY["dense"], seed=0, overwrite=True)
+    loaded = open_model(str(model_dir))
+    runtime = NumpyEngine(loaded.weights)
+    tok = loaded.tokenizer
+    log("[bold]2/2[/bold] generating with the numpy runtime (random weights: the text is noise)")
+    for prompt in ("The capital of Korea is", "한국의 수도는"):
+        ids = tok.encode(prompt, add_special_tokens=True)
+        start = time.perf_counter()
+        new = list(run(runtime, ids, max_tokens, SamplingParams(), ()))
+        elapsed = time.perf_counter() - start
+        print(f"{prompt!r} -> {tok.decode(new)!r}")
+        print(f"  numpy runtime: {len(new)} tokens in {elapsed:.2f} s = {len(new) / elapsed:.1f} tokens/s")
+    print(f"demo outputs: {out.resolve()}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KananaQuantError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

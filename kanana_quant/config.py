@@ -1,0 +1,260 @@
+"""ModelConfig: everything a forward pass needs, parsed once from a Hugging Face config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kanana_quant import kanana
+from kanana_quant.errors import KananaQuantError
+
+# Architecture class -> (our family name, MoE tensor naming or None).
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", None),
+    "MixtralForCausalLM": ("mixtral", "mixtral"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", "qwen"),
+}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A rope_scaling / rope_parameters block, normalised (the old `type` key becomes `rope_type`)."""
+
+    rope_type: str
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn; None = derived from factor (and mscale)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool  # renormalise the top-k router probabilities (always true for Mixtral)
+    naming: str  # "mixtral" (block_sparse_moe.experts.N.w1/w2/w3) or "qwen" (mlp.experts.N.*_proj)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: RopeScaling | None = None
+    moe: MoEConfig | None = None
+    attention_bias: bool = False
+    qk_norm: bool = False  # Qwen3-MoE normalises q and k per head
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        return _parse(raw, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise KananaQuantError(f"{path}: no config.json; pass a Hugging Face model directory")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise KananaQuantError(f"{path}: config.json is over 1 MiB; this is not a model config")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise KananaQuantError(f"{path}: not valid JSON ({e}); re-download the model") from None
+        if not isinstance(raw, dict):
+            raise KananaQuantError(f"{path}: expected a JSON object")
+        return _parse(raw, str(path))
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        if name not in kanana.PRESETS:
+            raise KananaQuantError(f"unknown preset {name!r}; choose one of: {', '.join(kanana.PRESETS)}")
+        return _parse(dict(kanana.PRESETS[name]), f"preset {name}")
+
+    def num_parameters(self) -> int:
+        h, layer = self.hidden_size, 2 * self.hidden_size
+        layer += h * self.q_size + 2 * h * self.kv_size + self.q_size * h
+        if self.attention_bias:
+            layer += self.q_size + 2 * self.kv_size
+        if self.qk_norm:
+            layer += 2 * self.head_dim
+        if self.moe:
+            layer += self.moe.num_experts * (h + 3 * h * self.moe.expert_intermediate_size)
+        else:
+            layer += 3 * h * self.intermediate_size
+        heads = 1 if self.tie_word_embeddings else 2
+        return self.num_layers * layer + heads * self.vocab_size * h + h
+
+
+def _parse(raw: dict, source: str) -> ModelConfig:
+    def need(key: str, kind=int):
+        value = raw.get(key)
+        if value is None:
+            raise KananaQuantError(f"{source}: missing {key!r}; is this a complete config.json?")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise KananaQuantError(f"{source}: {key!r} must be a positive integer, got {value!r}")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise KananaQuantError(f"{source}: {key!r} must be a positive number, got {value!r}")
+        return kind(value)
+
+    archs = raw.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and len(archs) == 1 else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise KananaQuantError(
+            f"{source}: unsupported architecture {archs!r}; kanana-quant supports "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (dense Kanana and Mixtral/Qwen-MoE-named MoE)"
+        )
+    family, moe_naming = SUPPORTED_ARCHITECTURES[arch]
+    if raw.get("hidden_act", "silu") != "silu":
+        raise KananaQuantError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+    if raw.get("mlp_bias"):
+        raise KananaQuantError(f"{source}: mlp_bias=true is not supported")
+
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    head_dim = raw.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise KananaQuantError(f"{source}: hidden_size {hidden} is not a multiple of {heads} heads "
+                                   "and no head_dim is given")
+        head_dim = hidden // heads
+    head_dim = int(head_dim)
+    if head_dim <= 0 or head_dim % 2:
+        raise KananaQuantError(f"{source}: head_dim must be a positive even number, got {head_dim}")
+    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    if kv_heads <= 0 or heads % kv_heads:
+        raise KananaQuantError(f"{source}: {heads} attention heads are not a multiple of {kv_heads} KV heads")
+
+    rope_theta, rope_scaling = _parse_rope(raw, source)
+    moe = _parse_moe(raw, source, family, moe_naming) if moe_naming else None
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    return ModelConfig(
+        architecture=arch,
+        family=family,
+        vocab_size=need("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=moe.expert_intermediate_size if moe else need("intermediate_size"),
+        num_layers=need("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        max_position_embeddings=need("max_position_embeddings"),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        rope_scaling=rope_scaling,
+        moe=moe,
+        attention_bias=bool(raw.get("attention_bias", False)),
+        qk_norm=family == "qwen3_moe",
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=tuple(int(i) for i in eos_ids),
+        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+        raw=raw,
+    )
+
+
+def _parse_rope(raw: dict, source: str) -> tuple[float, RopeScaling | None]:
+    # transformers >= 5 saves `rope_parameters` (with rope_theta inside); older files `rope_scaling`.
+    block = raw.get("rope_parameters") or raw.get("rope_scaling")
+    theta = raw.get("rope_theta")
+    if isinstance(block, dict) and theta is None:
+        theta = block.get("rope_theta")
+    theta = float(theta if theta is not None else 10000.0)
+    if not block:
+        return theta, None
+    if not isinstance(block, dict):
+        raise KananaQuantError(f"{source}: rope_scaling must be an object, got {block!r}")
+    kind = block.get("rope_type") or block.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise KananaQuantError(f"{source}: rope type {kind!r} is not supported; use one of {', '.join(ROPE_TYPES)}")
+    if kind == "default":
+        return theta, None
+    factor = block.get("factor")
+    if not isinstance(factor, (int, float)) or factor <= 0:
+        raise KananaQuantError(f"{source}: rope_scaling.factor must be a positive number, got {factor!r}")
+    original = block.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+    if kind in ("llama3", "yarn") and not original:
+        original = raw.get("max_position_embeddings")
+    known = {f for f in RopeScaling.__dataclass_fields__} | {"type", "rope_theta", "partial_rotary_factor"}
+    unknown = set(block) - known
+    if unknown:
+        raise KananaQuantError(f"{source}: unsupported rope_scaling keys {sorted(unknown)}")
+    if block.get("partial_rotary_factor", 1.0) != 1.0:
+        raise KananaQuantError(f"{source}: partial_rotary_factor is not supported")
+
+    def num(key, default):
+        value = block.get(key)
+        return default if value is None else float(value)
+
+    return theta, RopeScaling(
+        rope_type=kind,
+        factor=float(factor),
+        original_max_position_embeddings=int(original) if original else None,
+        low_freq_factor=num("low_freq_factor", 1.0),
+        high_freq_factor=num("high_freq_factor", 4.0),
+        beta_fast=num("beta_fast", 32.0),
+        beta_slow=num("beta_slow", 1.0),
+        attention_factor=block.get("attention_factor"),
+        mscale=block.get("mscale"),
+        mscale_all_dim=block.get("mscale_all_dim"),
+        truncate=bool(block.get("truncate", True)),
+    )
+
+
+def _parse_moe(raw: dict, source: str, family: str, naming: str) -> MoEConfig:
+    if family == "mixtral":
+        experts, inter, norm = raw.get("num_local_experts"), raw.get("intermediate_size"), True
+    else:
+        experts, inter = raw.get("num_experts"), raw.get("moe_intermediate_size")
+        norm = bool(raw.get("norm_topk_prob", False))
+        if raw.get("mlp_only_layers") or raw.get("decoder_sparse_step", 1) != 1:
+            raise KananaQuantError(f"{source}: dense layers inside an MoE model (mlp_only_layers / "
+                                   "decoder_sparse_step) are not supported")
+        if raw.get("shared_expert_intermediate_size"):
+            raise KananaQuantError(f"{source}: shared experts are not supported (Kanana MoE has none)")
+    top_k = raw.get("num_experts_per_tok")
+    for key, value in (("experts", experts), ("expert intermediate size", inter), ("num_experts_per_tok", top_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise KananaQuantError(f"{source}: MoE {key} must be a positive integer, got {value!r}")
+    if top_k > experts:
+        raise KananaQuantError(f"{source}: num_experts_per_tok {top_k} exceeds the {experts} experts")
+    return MoEConfig(experts, top_k, inter, norm, naming)
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    return ModelConfig.from_file(Path(model_dir) / "config.json")

@@ -1,0 +1,29 @@
+"""Open a MODEL argument as config + lazily read weights + tokenizer, whatever its format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kanana_quant.checkpoint import HFCheckpoint
+from kanana_quant.config import ModelConfig
+from kanana_quant.errors import KananaQuantError
+from kanana_quant.hub import resolve_model
+from kanana_quant.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    config: ModelConfig
+    weights: HFCheckpoint
+    tokenizer: Tokenizer
+
+
+def open_model(spec: str) -> LoadedModel:
+    path = resolve_model(spec)
+    if path.is_file():
+        raise KananaQuantError(f"{path}: a single file is not a model here; pass a Hugging Face model directory")
+    weights = HFCheckpoint(path)
+    tokenizer = Tokenizer.from_dir(path, extra_eos_ids=weights.config.eos_token_ids)
+    return LoadedModel(path, weights.config, weights, tokenizer)

@@ -1,0 +1,1 @@
+"""Runtimes that run a quantized Kanana model on a CPU."""

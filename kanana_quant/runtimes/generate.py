@@ -1,0 +1,88 @@
+"""Token generation and multi-turn chat over any engine (prefill / forward / pos)."""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+from kanana_quant.runtimes.sampling import Sampler, SamplingParams
+from kanana_quant.tokenizer import Tokenizer
+
+
+class Engine(Protocol):
+    name: str
+    max_seq_len: int
+    pos: int  # tokens in the KV cache; setting it lower rewinds the cache
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray: ...
+
+    def reset(self) -> None: ...
+
+
+def generate(engine: Engine, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams,
+             stop_ids: Sequence[int] = (), cached: int = 0) -> Iterator[int]:
+    """Yield sampled token ids until a stop id, max_tokens or the context limit.
+
+    `cached` tokens of the prompt are already in the engine's KV cache (chat reuses earlier turns).
+    """
+    sampler = Sampler(params)
+    history = list(prompt_ids)
+    engine.pos = cached
+    logits = engine.forward(history[cached:])
+    for _ in range(max_tokens):
+        token = sampler(logits, history)
+        if token in stop_ids:
+            return
+        yield token
+        history.append(token)
+        if len(history) >= engine.max_seq_len:
+            return
+        logits = engine.forward([token])
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ChatSession:
+    """Conversation history rendered with the model's chat template; the KV cache of earlier turns is
+    reused up to the first token where the re-rendered conversation differs."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, params: SamplingParams, max_tokens: int,
+                 system: str | None = None):
+        self.engine, self.tok, self.params, self.max_tokens = engine, tokenizer, params, max_tokens
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cached: list[int] = []  # ids whose keys and values sit in the engine's cache
+        self.engine.reset()
+
+    def reply(self, user_text: str) -> Iterator[str]:
+        """Stream the assistant's reply as text pieces. Closing the iterator early (Ctrl-C) keeps the
+        partial reply in the history."""
+        self.messages.append({"role": "user", "content": user_text})
+        ids = self.tok.encode_chat(self.messages)
+        # Keep at least one new token to run, so the forward pass yields logits.
+        reuse = min(common_prefix(self.cached, ids), len(ids) - 1)
+        stream, generated = self.tok.stream(), []
+        try:
+            for token in generate(self.engine, ids, self.max_tokens, self.params, self.tok.eos_ids, reuse):
+                generated.append(token)
+                piece = stream.push(token)
+                if piece:
+                    yield piece
+            tail = stream.flush()
+            if tail:
+                yield tail
+        finally:
+            # The last sampled token was never fed back, so the cache holds everything before it.
+            self.cached = (ids + generated)[: self.engine.pos]
+            self.messages.append({"role": "assistant", "content": self.tok.decode(generated)})

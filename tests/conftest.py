@@ -1,0 +1,44 @@
+"""Tiny Kanana-shaped models, generated once per test session: the fixtures every test runs on."""
+
+from __future__ import annotations
+
+import pytest
+
+from kanana_quant.synth import TINY, synth_model
+
+YARN = {"type": "yarn", "factor": 4.4, "original_max_position_embeddings": 128, "beta_fast": 64, "beta_slow": 2}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+# name -> HF config: dense tied/untied with every RoPE kind, MoE in both tensor namings.
+VARIANTS = {
+    "dense-tied": TINY["dense"],
+    "dense-untied-yarn": {**TINY["dense"], "tie_word_embeddings": False, "rope_scaling": YARN},
+    "dense-llama3-rope": {**TINY["dense"], "rope_scaling": LLAMA3},
+    "moe-mixtral": TINY["moe"],
+    "moe-qwen": TINY["qwen-moe"],
+    "moe-qwen-no-renorm": {**TINY["qwen-moe"], "norm_topk_prob": False},
+}
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Lazily synthesise each variant the first time a test asks for it."""
+    root = tmp_path_factory.mktemp("models")
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = synth_model(root / name, VARIANTS[name], seed=len(made) + 1)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(model_dirs):
+    return model_dirs("dense-tied")
+
+
+SAMPLE_TEXT = ("Kanana is a bilingual model. 카카오의 카나나는 한국어와 영어를 함께 배웠습니다. "
+               "It runs offline on a laptop 💻, even 大韓民國 텍스트도 잘 처리해요!")

@@ -1,0 +1,111 @@
+"""The command line as users and scripts meet it: stdout carries results only, errors are one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_TEXT
+from kanana_quant.eval import perplexity
+from kanana_quant.loader import open_model
+from kanana_quant.runtimes.numpy_engine import NumpyEngine
+
+
+def cli(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "kanana_quant.cli", *map(str, args)], capture_output=True,
+                          text=True, input=input, timeout=300)
+
+
+def test_info(tiny_dense):
+    result = cli("info", tiny_dense, "--json")
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert facts["architecture"] == "LlamaForCausalLM" and facts["head_dim"] == 32
+    assert facts["parameters"] == 2 * (2 * 96 + 96 * 128 * 2 + 96 * 64 * 2 + 3 * 96 * 192) + 1280 * 96 + 96
+
+
+def test_generate_prints_only_the_greedy_continuation(tiny_dense):
+    import torch
+    import transformers
+
+    prompt = "카나나 says"
+    result = cli("generate", tiny_dense, "--prompt", prompt, "--max-tokens", 12, "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    tok = open_model(str(tiny_dense)).tokenizer
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32)
+    ids = tok.encode(prompt, add_special_tokens=True)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                          eos_token_id=tok.eos_ids, pad_token_id=0)[0, len(ids):].tolist()
+    assert result.stdout == tok.decode(out) + "\n"
+    assert "tokens/s" in result.stderr
+
+
+def test_eval_last_line_and_json(tiny_dense, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT * 4, encoding="utf-8")
+    plain = cli("eval", tiny_dense, "--text", text, "--ctx", 32)
+    assert plain.returncode == 0, plain.stderr
+    last = plain.stdout.strip().splitlines()[-1]
+    assert last.startswith("perplexity: ")
+    loaded = open_model(str(tiny_dense))
+    expected = perplexity(NumpyEngine(loaded.weights), loaded.tokenizer.encode(SAMPLE_TEXT * 4), 32)["perplexity"]
+    assert float(last.split()[1]) == pytest.approx(expected, rel=1e-4)
+    as_json = json.loads(cli("eval", tiny_dense, "--text", text, "--ctx", 32, "--json").stdout)
+    assert as_json["perplexity"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_chat_session_multi_turn_and_reset(tiny_dense):
+    result = cli("chat", tiny_dense, "--max-tokens", 5, "--temperature", 0,
+                 input="안녕하세요\nsecond turn\n/reset\nthird\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("> ") >= 4 and "history cleared" in result.stderr
+
+
+def test_chat_session_reuses_cache_and_matches_fresh_prefill(tiny_dense):
+    from kanana_quant.runtimes.generate import ChatSession
+    from kanana_quant.runtimes.sampling import SamplingParams
+
+    loaded = open_model(str(tiny_dense))
+    engine = NumpyEngine(loaded.weights)
+    params = SamplingParams(temperature=1.0, seed=7)
+    session = ChatSession(engine, loaded.tokenizer, params, 6)
+    first = "".join(session.reply("first question"))
+    fed = []
+    forward = engine.forward
+    engine.forward = lambda ids, all_logits=False: fed.append(len(ids)) or forward(ids, all_logits)
+    second = "".join(session.reply("두 번째 질문"))
+    full = len(loaded.tokenizer.encode_chat(session.messages[:3]))
+    assert first and second and len(session.messages) == 4
+    assert fed[0] < full - 5  # only the new turn was prefilled; earlier turns came from the cache
+    fresh = ChatSession(NumpyEngine(loaded.weights), loaded.tokenizer, params, 6)
+    fresh.messages = session.messages[:2]  # same history, empty cache
+    assert "".join(fresh.reply("두 번째 질문")) == second
+
+
+def test_demo_runs(tmp_path):
+    result = cli("demo", "-o", tmp_path / "demo", "--max-tokens", 4)
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s" in result.stdout and "demo outputs:" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "/no/such/dir"], "no such file or directory"),
+    (["generate", "{tiny}", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
+    (["generate", "{tiny}", "--prompt", "x", "--engine", "tensorrt"], "--engine"),
+    (["generate", "{tiny}", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
+    (["eval", "{tiny}", "--text", "/no/such.txt"], "no such text file"),
+    (["synth", "-o", "{tmp}/x"], "exactly one of"),
+    (["synth", "-o", "{tmp}/x", "--preset", "kanana-99b"], "unknown model preset"),
+])
+def test_bad_invocations_exit_2_with_one_line(tiny_dense, tmp_path, args, message):
+    args = [a.format(tiny=tiny_dense, tmp=tmp_path) for a in args]
+    result = cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
