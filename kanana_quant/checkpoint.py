@@ -78,26 +78,35 @@ class HFCheckpoint:
             self._files[shard] = SafetensorsFile(path)
         return self._files[shard]
 
-    def _locate(self, name: str):
-        hf = self._hf[name]
+    def _file_of(self, hf: str) -> SafetensorsFile:
         shard = self._where.get(hf)
         if shard is None:
             raise KananaQuantError(f"{self.dir}: tensor {hf!r} is missing from the checkpoint")
         file = self._file(shard)
         if hf not in file.tensors:
             raise KananaQuantError(f"{file.path}: tensor {hf!r} is listed in the index but not in the file")
-        return file, hf
+        return file
+
+    def _locate(self, name: str):
+        hf = self._hf[name]
+        return self._file_of(hf), hf
 
     def _check_tensors(self) -> None:
         for name in self._hf:
-            file, hf = self._locate(name)
-            info = file.tensors[hf]
-            expected = names.tensor_shape(self.config, name)
-            if info.shape != expected:
-                raise KananaQuantError(f"{file.path}: tensor {hf!r} has shape {list(info.shape)}, config.json "
-                                       f"implies {list(expected)}; the config and weights do not match")
-            if info.dtype not in ("F32", "F16", "BF16"):
-                raise KananaQuantError(f"{file.path}: tensor {hf!r} has dtype {info.dtype}; expected a float")
+            self._check_one(name)
+
+    def _check_one(self, name: str) -> None:
+        file, hf = self._locate(name)
+        info = file.tensors[hf]
+        expected = names.tensor_shape(self.config, name)
+        if info.shape != expected:
+            raise KananaQuantError(f"{file.path}: tensor {hf!r} has shape {list(info.shape)}, config.json "
+                                   f"implies {list(expected)}; the config and weights do not match")
+        if info.dtype not in ("F32", "F16", "BF16"):
+            raise KananaQuantError(f"{file.path}: tensor {hf!r} has dtype {info.dtype}; expected a float")
+
+    def is_quantized(self, name: str) -> bool:
+        return False
 
     @property
     def names(self) -> list[str]:
@@ -117,7 +126,8 @@ class HFCheckpoint:
         return {role: self.get(f"layers.{index}.{role}", dtype) for role in names.layer_roles(self.config)}
 
     def nbytes(self) -> int:
-        return sum(file.tensors[hf].end - file.tensors[hf].start for file, hf in map(self._locate, self._hf))
+        """Bytes of all tensor data in the checkpoint's files."""
+        return sum(t.end - t.start for shard in set(self._where.values()) for t in self._file(shard).tensors.values())
 
     def close(self) -> None:
         for file in self._files.values():

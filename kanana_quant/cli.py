@@ -44,10 +44,10 @@ def _sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: 
 @app.command()
 def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Shapes, parameter count, bytes, RoPE and MoE layout of a model."""
-    from kanana_quant.checkpoint import HFCheckpoint
     from kanana_quant.hub import resolve_model
+    from kanana_quant.loader import open_checkpoint
 
-    ckpt = HFCheckpoint(resolve_model(model))
+    ckpt = open_checkpoint(resolve_model(model))
     cfg = ckpt.config
     rope = cfg.rope_scaling
     facts = {
@@ -62,6 +62,7 @@ def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json", he
                                              "expert_intermediate": cfg.moe.expert_intermediate_size,
                                              "norm_topk_prob": cfg.moe.norm_topk_prob,
                                              "naming": cfg.moe.naming},
+        "quantization": getattr(ckpt, "format", None) and ckpt.format.to_hf(),
     }
     if as_json:
         print(json.dumps(facts, indent=2))
@@ -141,6 +142,8 @@ def evaluate(
     ctx: int = typer.Option(512, help="Window length in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     engine: str = typer.Option("numpy", help="Engine: numpy."),
+    ref: Optional[str] = typer.Option(None, help="Float model to compare with: adds its perplexity and the KL "
+                                                 "divergence from it."),
 ):
     """Perplexity over consecutive non-overlapping windows of CTX tokens (no BOS, each window alone)."""
     from kanana_quant.eval import perplexity
@@ -153,14 +156,94 @@ def evaluate(
         raise KananaQuantError(f"{text}: not UTF-8 text") from None
     loaded, runtime = _load(model, max_seq_len=ctx, engine=engine)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
+    ref_runtime = None
+    if ref is not None:
+        ref_loaded, ref_runtime = _load(ref, max_seq_len=ctx)
+        if ref_loaded.tokenizer.encode(body[:2000]) != loaded.tokenizer.encode(body[:2000]):
+            raise KananaQuantError(f"--ref {ref}: its tokenizer differs from {model}'s; KL needs the same vocabulary")
     with progress_bar("scoring windows", max(len(ids) // max(ctx, 1), 1)) as advance:
-        result = perplexity(runtime, ids, ctx, on_window=advance)
+        result = perplexity(runtime, ids, ctx, on_window=advance, ref=ref_runtime)
     result = {"model": str(loaded.path), "text": str(text), "engine": runtime.name, **result}
     if as_json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"windows: {result['windows']} x {ctx} tokens, scored tokens: {result['tokens']}")
-        print(f"perplexity: {result['perplexity']:.4f}")
+        return
+    print(f"windows: {result['windows']} x {ctx} tokens, scored tokens: {result['tokens']}")
+    if ref is not None:
+        print(f"reference perplexity: {result['ref_perplexity']:.4f}")
+        print(f"KL divergence from reference: {result['kl_divergence']:.6f} nats/token")
+    print(f"perplexity: {result['perplexity']:.4f}")
+
+
+@app.command()
+def quantize(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory for the quantized checkpoint."),
+    method: str = typer.Option("gptq", help="gptq, awq or rtn."),
+    bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
+    group_size: int = typer.Option(128, help="Columns per scale: 32, 64, 128 or -1 (per-channel)."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid (zero fixed) or asymmetric."),
+    calib: str = typer.Option("builtin", help="Calibration text: builtin, a .txt/.jsonl file or folder, or a "
+                                              "Hugging Face dataset id."),
+    samples: int = typer.Option(128, help="Calibration sequences."),
+    seq_len: int = typer.Option(512, help="Tokens per calibration sequence."),
+    seed: int = typer.Option(0, help="Seed for drawing calibration windows."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run at the next layer."),
+    damp: float = typer.Option(0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal."),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ column order by Hessian diagonal."),
+):
+    """Quantize MODEL one decoder layer at a time into a GPTQ/AWQ-layout checkpoint."""
+    from kanana_quant.qcheckpoint import METHODS, QuantFormat
+    from kanana_quant.quant.grid import QuantSpec
+
+    if method not in METHODS:
+        raise KananaQuantError(f"--method {method!r} is not supported; choose one of: {', '.join(METHODS)}")
+    QuantSpec(bits, group_size, sym)  # validates bits and group size before any loading
+    if samples < 1 or seq_len < 8:
+        raise KananaQuantError(f"--samples must be >= 1 and --seq-len >= 8, got {samples} and {seq_len}")
+    if damp <= 0:
+        raise KananaQuantError(f"--damp must be > 0, got {damp}")
+    try:
+        import torch
+    except ImportError:
+        raise KananaQuantError("quantize needs torch: pip install torch==2.13.0 (CPU build), then retry") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise KananaQuantError(f"--device {device!r} is not available here; use cpu or auto")
+    from kanana_quant.loader import open_model
+    from kanana_quant.quant.stream import QuantOptions, prepare
+
+    loaded = open_model(model)
+    if getattr(loaded.weights, "format", None):
+        raise KananaQuantError(f"{model}: is already quantized; pass the float model")
+    opts = QuantOptions(QuantFormat(method, bits, group_size, sym), calib, samples, seq_len, seed, damp=damp,
+                        act_order=act_order, device=device)
+    stream, first = prepare(loaded, out, opts, resume)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(f"{method} {bits}-bit layers", total=loaded.config.num_layers, completed=first)
+        stream.on_stage = lambda stage: bar.update(
+            task, description=f"{method} {bits}-bit layer {int(bar.tasks[0].completed)}: {stage}")
+
+        def on_layer(report) -> None:
+            bar.advance(task)
+            line = f"layer {report.layer}: {report.seconds:.1f} s"
+            if report.loss:
+                line += f", GPTQ loss {report.loss:.4g}"
+            if report.expert_tokens is not None:
+                counts = report.expert_tokens
+                line += f", routed tokens per expert min {min(counts)} / max {max(counts)}"
+            bar.console.print(line, highlight=False)
+
+        for i in range(first, loaded.config.num_layers):
+            on_layer(stream.run_layer(i))
+        bar.update(task, description="writing the checkpoint")
+        stream.finish()
+    log(f"wrote {out}")
 
 
 @app.command()

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kanana_quant.checkpoint import HFCheckpoint
-from kanana_quant.config import ModelConfig
+from kanana_quant.config import ModelConfig, load_config
+from kanana_quant.qcheckpoint import QuantizedCheckpoint
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.hub import resolve_model
 from kanana_quant.tokenizer import Tokenizer
@@ -20,10 +21,18 @@ class LoadedModel:
     tokenizer: Tokenizer
 
 
-def open_model(spec: str) -> LoadedModel:
-    path = resolve_model(spec)
+def open_checkpoint(path: Path) -> HFCheckpoint:
+    """The weights of a model directory: float, or quantized when config.json has quantization_config."""
     if path.is_file():
         raise KananaQuantError(f"{path}: a single file is not a model here; pass a Hugging Face model directory")
-    weights = HFCheckpoint(path)
+    config = load_config(path)
+    if "quantization_config" in config.raw:
+        return QuantizedCheckpoint(path, config)
+    return HFCheckpoint(path, config)
+
+
+def open_model(spec: str) -> LoadedModel:
+    path = resolve_model(spec)
+    weights = open_checkpoint(path)
     tokenizer = Tokenizer.from_dir(path, extra_eos_ids=weights.config.eos_token_ids)
     return LoadedModel(path, weights.config, weights, tokenizer)

@@ -36,6 +36,25 @@ class FloatLinear:
         return y if self.bias is None else y + self.bias
 
 
+class QLinear:
+    """y = x Wᵀ with W kept as integer codes + scales (1 byte per weight in memory, not 4): row blocks are
+    dequantized on the fly, so no float copy of the whole matrix ever exists."""
+
+    ROWS = 1024
+
+    def __init__(self, qtensor, bias: np.ndarray | None = None):
+        self.qtensor = qtensor
+        self.bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+        self.out_features = qtensor.shape[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = np.empty((x.shape[0], self.out_features), dtype=np.float32)
+        for start in range(0, self.out_features, self.ROWS):
+            rows = slice(start, start + self.ROWS)
+            y[:, rows] = x @ self.qtensor.dequantize(rows).T
+        return y if self.bias is None else y + self.bias
+
+
 class WeightSource(Protocol):
     config: ModelConfig
 
@@ -44,8 +63,8 @@ class WeightSource(Protocol):
     def linear(self, name: str, bias: str | None = None) -> Linear: ...
 
 
-class FloatWeights:
-    """Adapts a float checkpoint (anything with get(name)) to the WeightSource protocol."""
+class CheckpointWeights:
+    """Adapts a checkpoint (float or quantized) to the WeightSource protocol."""
 
     def __init__(self, checkpoint):
         self.checkpoint, self.config = checkpoint, checkpoint.config
@@ -54,7 +73,10 @@ class FloatWeights:
         return self.checkpoint.get(name, dtype)
 
     def linear(self, name: str, bias: str | None = None) -> Linear:
-        return FloatLinear(self.get(name), None if bias is None else self.get(bias))
+        b = None if bias is None else self.get(bias)
+        if self.checkpoint.is_quantized(name):
+            return QLinear(self.checkpoint.qtensor(name), b)
+        return FloatLinear(self.get(name), b)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -153,7 +175,7 @@ class NumpyEngine:
     def __init__(self, source: WeightSource, max_seq_len: int | None = None,
                  on_layer: Callable[[int], None] | None = None):
         if not hasattr(source, "linear"):
-            source = FloatWeights(source)
+            source = CheckpointWeights(source)
         self.config = cfg = source.config
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.embed = source.get("embed")

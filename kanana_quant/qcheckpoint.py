@@ -1,0 +1,171 @@
+"""Quantized checkpoints: HF directories whose linear layers are stored in the standard GPTQ (v1) or AWQ
+(GEMM) safetensors layouts, with a `quantization_config` block in config.json.
+
+Layouts: `rtn` and `gptq` results are written in the GPTQ layout (`qweight`/`qzeros`/`scales`/`g_idx`,
+quant_method "gptq", desc_act false: act-order runs with static groups, so groups stay contiguous and
+g_idx is i // group_size). `awq` results at 4 bits are written in the AWQ GEMM layout (quant_method "awq");
+AWQ at other widths has no AWQ layout and uses the GPTQ one (its scales are already folded into the
+weights and norms, so the grid is the same). Routers, norms and embeddings stay float; lm_head is
+quantized only when asked (`lm_head` in the config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kanana_quant import names
+from kanana_quant.checkpoint import HFCheckpoint
+from kanana_quant.config import ModelConfig
+from kanana_quant.errors import KananaQuantError
+from kanana_quant.quant import packing
+from kanana_quant.safetensors_io import TensorSpec
+
+METHODS = ("rtn", "gptq", "awq")
+QUANTIZED_ROLES = frozenset(names.ATTENTION_LINEARS + names.MLP_LINEARS)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    method: str
+    bits: int
+    group_size: int  # -1 = per-channel
+    sym: bool
+    lm_head: bool = False
+
+    @property
+    def layout(self) -> str:
+        return "awq" if self.method == "awq" and self.bits == 4 else "gptq"
+
+    def to_hf(self) -> dict:
+        block = {"quant_method": self.layout, "bits": self.bits, "group_size": self.group_size,
+                 "kanana_quant": {"method": self.method, "sym": self.sym, "lm_head": self.lm_head}}
+        if self.layout == "awq":
+            return {**block, "version": "gemm", "zero_point": not self.sym}
+        return {**block, "desc_act": False, "sym": self.sym, "static_groups": True, "checkpoint_format": "gptq",
+                "lm_head": self.lm_head}
+
+    @classmethod
+    def from_hf(cls, block: dict, source: str) -> "QuantFormat":
+        if not isinstance(block, dict) or block.get("quant_method") not in ("gptq", "awq"):
+            raise KananaQuantError(f"{source}: quantization_config is not GPTQ or AWQ; not a kanana-quant checkpoint")
+        ours = block.get("kanana_quant") or {}
+        layout = block["quant_method"]
+        if layout == "gptq" and block.get("desc_act"):
+            raise KananaQuantError(f"{source}: desc_act=true (reordered groups) is not supported; re-quantize "
+                                   "with static groups")
+        sym = ours.get("sym", block.get("sym", not block.get("zero_point", True)))
+        try:
+            fmt = cls(method=ours.get("method", layout), bits=int(block["bits"]),
+                      group_size=int(block.get("group_size", -1)), sym=bool(sym),
+                      lm_head=bool(ours.get("lm_head", block.get("lm_head", False))))
+        except (KeyError, TypeError, ValueError):
+            raise KananaQuantError(f"{source}: quantization_config lacks bits/group_size") from None
+        if fmt.layout != layout:
+            raise KananaQuantError(f"{source}: quantization_config says {layout} but method {fmt.method} at "
+                                   f"{fmt.bits} bits is stored as {fmt.layout}")
+        return fmt
+
+    def quantizes(self, name: str) -> bool:
+        if name == "lm_head":
+            return self.lm_head
+        return name.startswith("layers.") and name.rsplit(".", 1)[-1] in QUANTIZED_ROLES
+
+
+@dataclass
+class QTensor:
+    """Integer codes on a grid: W[o, i] = scales[o, g] · (codes[o, i] − zeros[o, g]), g = i // group."""
+
+    codes: np.ndarray  # uint8 [out, in]
+    scales: np.ndarray  # float32 [out, groups], fp16-representable
+    zeros: np.ndarray  # uint8 [out, groups]
+    bits: int
+    group_size: int  # -1 = per-channel
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    def group_width(self) -> int:
+        return self.codes.shape[1] if self.group_size == -1 else self.group_size
+
+    def dequantize(self, rows: slice = slice(None)) -> np.ndarray:
+        codes = self.codes[rows]
+        out, cols = codes.shape
+        g = cols // self.group_width()
+        grid = codes.reshape(out, g, -1).astype(np.float32) - self.zeros[rows, :, None]
+        return (grid * self.scales[rows, :, None]).reshape(out, cols)
+
+    def pack(self, layout: str) -> dict[str, np.ndarray]:
+        if layout == "awq":
+            return packing.pack_awq(self.codes, self.zeros, self.scales, self.group_size)
+        return packing.pack_gptq(self.codes, self.zeros, self.scales, self.bits, self.group_size)
+
+    @classmethod
+    def unpack(cls, layout: str, tensors: dict[str, np.ndarray], bits: int, group_size: int) -> "QTensor":
+        if layout == "awq":
+            codes, zeros, scales = packing.unpack_awq(tensors, group_size)
+        else:
+            codes, zeros, scales = packing.unpack_gptq(tensors, bits, group_size)
+        return cls(codes.astype(np.uint8), scales.astype(np.float32), zeros.astype(np.uint8), bits, group_size)
+
+
+def packed_specs(fmt: QuantFormat, base: str, out_features: int, in_features: int) -> list[TensorSpec]:
+    """The tensors a quantized linear [out, in] is stored as, named `{base}.qweight` etc."""
+    groups = 1 if fmt.group_size == -1 else in_features // fmt.group_size
+    if fmt.layout == "awq":
+        return [TensorSpec(f"{base}.qweight", "I32", (in_features, out_features // 8)),
+                TensorSpec(f"{base}.qzeros", "I32", (groups, out_features // 8)),
+                TensorSpec(f"{base}.scales", "F16", (groups, out_features))]
+    return [TensorSpec(f"{base}.qweight", "I32", (in_features * fmt.bits // 32, out_features)),
+            TensorSpec(f"{base}.qzeros", "I32", (groups, out_features * fmt.bits // 32)),
+            TensorSpec(f"{base}.scales", "F16", (groups, out_features)),
+            TensorSpec(f"{base}.g_idx", "I32", (in_features,))]
+
+
+def hf_base(hf_weight_name: str) -> str:
+    return hf_weight_name.removesuffix(".weight")
+
+
+class QuantizedCheckpoint(HFCheckpoint):
+    """A checkpoint written by `kanana-quant quantize` (or any desc_act-free GPTQ / AWQ-GEMM checkpoint)."""
+
+    def __init__(self, model_dir, config: ModelConfig | None = None):
+        from kanana_quant.config import load_config
+
+        config = config or load_config(model_dir)
+        self.format = QuantFormat.from_hf(config.raw.get("quantization_config"), f"{model_dir}/config.json")
+        super().__init__(model_dir, config)
+
+    def is_quantized(self, name: str) -> bool:
+        return self.format.quantizes(name)
+
+    def _check_one(self, name: str) -> None:
+        if not self.is_quantized(name):
+            return super()._check_one(name)
+        out, cols = names.tensor_shape(self.config, name)
+        base = hf_base(self._hf[name])
+        for spec in packed_specs(self.format, base, out, cols):
+            file = self._file_of(spec.name)
+            info = file.tensors[spec.name]
+            if info.shape != spec.shape or info.dtype != spec.dtype:
+                raise KananaQuantError(f"{file.path}: {spec.name} is {info.dtype}{list(info.shape)}, expected "
+                                       f"{spec.dtype}{list(spec.shape)} for {self.format.bits}-bit "
+                                       f"group {self.format.group_size}; the checkpoint is corrupt")
+
+    def qtensor(self, name: str) -> QTensor:
+        base = hf_base(self._hf[name])
+        out, cols = names.tensor_shape(self.config, name)
+        tensors = {}
+        for spec in packed_specs(self.format, base, out, cols):
+            tensors[spec.name.rsplit(".", 1)[1]] = self._file_of(spec.name).raw(spec.name)
+        return QTensor.unpack(self.format.layout, tensors, self.format.bits, self.format.group_size)
+
+    def get(self, name: str, dtype=np.float32) -> np.ndarray:
+        if self.is_quantized(name):
+            return self.qtensor(name).dequantize().astype(dtype, copy=False)
+        return super().get(name, dtype)
+
+    def dtype(self, name: str) -> str:
+        return f"Q{self.format.bits}" if self.is_quantized(name) else super().dtype(name)

@@ -1,0 +1,142 @@
+"""GPTQ (Frantar et al. 2022): quantize a weight column by column, pushing each column's rounding error onto
+the columns not yet quantized through the inverse Hessian of the layer-reconstruction loss ||X Wᵀ − X Qᵀ||².
+
+Groups are always contiguous runs of `group_size` columns in the original order, so the result stores like RTN
+(trivial g_idx). With act-order the columns are visited in descending diag(H) order, which would scatter
+lazily-fitted groups; hence every group's (scale, zero) is fitted up front on the original weights
+("static groups", as GPTQModel does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kanana_quant.errors import KananaQuantError
+from kanana_quant.quant.grid import QuantSpec, fit_params, quantize
+
+DAMP_RETRIES = 4  # each retry multiplies the damping by 10
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor   # uint8 [out, in], original column order
+    scales: torch.Tensor  # float32 [out, n_groups], fp16-representable
+    zeros: torch.Tensor   # float32 [out, n_groups]
+    weight: torch.Tensor  # float32 [out, in] == scales · (codes − zeros), per group
+    loss: float           # Σ err² / d², the quantity GPTQ minimises greedily (reference's Losses.sum())
+
+
+def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp·I)⁻¹. Calibration Hessians are often rank-deficient (few tokens,
+    MoE experts), so damping is raised rather than failing; a diagonal H (plain RTN) is the last resort."""
+    mean_diag = torch.mean(torch.diag(H))
+    idx = torch.arange(H.shape[0], device=H.device)
+    for attempt in range(DAMP_RETRIES + 1):
+        p = percdamp if attempt == 0 else max(percdamp, 1e-3) * 10 ** attempt
+        Hd = H.clone()
+        Hd[idx, idx] += p * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U
+    return torch.diag(torch.rsqrt(torch.diag(H) + mean_diag))
+
+
+class GPTQ:
+    def __init__(self, weight: torch.Tensor):
+        self.W = weight.detach().to(torch.float32).clone()
+        self.rows, self.columns = self.W.shape
+        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.W.device)
+        self.nsamples = 0.0  # total token weight so far: H is kept as a running mean over it
+        self.tokens = 0
+
+    def add_batch(self, inp: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Accumulate H = 2/N Σ w_t x_t x_tᵀ over tokens x_t (rows of inp) with optional weights w_t ≥ 0
+        (router probabilities for MoE experts); N = Σ w_t, so a weight of 2 counts a token twice."""
+        x = inp.detach().reshape(-1, self.columns).to(self.W.device, torch.float32)
+        self.tokens += x.shape[0]
+        if weight is None:
+            w = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        else:
+            w = weight.detach().reshape(-1).to(x.device, torch.float32)
+            if w.shape[0] != x.shape[0] or bool((w < 0).any()):
+                raise ValueError(f"GPTQ.add_batch: need {x.shape[0]} non-negative token weights, got {tuple(w.shape)}")
+        mass = float(w.sum())
+        if mass <= 0:
+            return
+        # Rescale the old mean before adding, so H never holds an unnormalised float32 sum over many tokens.
+        self.H *= self.nsamples / (self.nsamples + mass)
+        self.nsamples += mass
+        x = x * torch.sqrt(2 * w / self.nsamples).unsqueeze(1)
+        self.H += x.T @ x
+
+    def fasterquant(self, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = True,
+                    static_groups: bool = True, search: bool = True) -> GPTQResult:
+        if self.H is None:
+            raise RuntimeError("GPTQ.fasterquant was already called; the Hessian has been freed")
+        spec.check(self.columns, "a GPTQ layer")
+        cols, maxq, dev = self.columns, spec.maxq, self.W.device
+        width, n_groups = spec.group_width(cols), spec.groups(cols)
+        # No tokens: identity H makes GPTQ degenerate to RTN, so unrouted MoE experts still get quantized.
+        H = self.H if self.nsamples > 0 else torch.eye(cols, dtype=torch.float32, device=dev)
+        self.H = None
+        if not torch.isfinite(H).all():
+            raise KananaQuantError("the GPTQ Hessian has NaN/inf entries: the calibration activations overflowed")
+        W = self.W.clone()
+        importance = torch.diag(H).clone()  # before the dead-column fix, so dead columns weigh nothing
+        dead = importance == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        scales = torch.zeros(self.rows, n_groups, dtype=torch.float32, device=dev)
+        zeros = torch.zeros_like(scales)
+        # Act-order visits groups out of order, so it can only keep contiguous groups if they are fitted first.
+        static = static_groups or act_order or n_groups == 1
+
+        def fit(g: int, w: torch.Tensor) -> None:
+            imp = importance[g * width:(g + 1) * width] if search else None
+            scales[:, g:g + 1], zeros[:, g:g + 1] = fit_params(w, spec, search, imp)
+
+        if static:
+            for g in range(n_groups):
+                fit(g, W[:, g * width:(g + 1) * width])
+
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols, device=dev)
+        W, H = W[:, perm], H[perm][:, perm]
+        group_of = (perm // width).tolist()
+        U = _hinv_cholesky(H, percdamp)
+        del H
+
+        codes = torch.zeros_like(W)
+        loss = torch.zeros((), dtype=torch.float64, device=dev)
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+            Err1 = torch.zeros_like(W1)
+            for i in range(i2 - i1):
+                c, g = i1 + i, group_of[i1 + i]
+                if not static and c % width == 0:
+                    # Fit on the fully updated weights: the part of the group past this block has not yet
+                    # received this block's lazy update (the reference fits on stale columns there).
+                    end = c + width
+                    part = [W1[:, i:min(end, i2) - i1]]
+                    if end > i2:
+                        part.append(W[:, i2:end] - Err1[:, :i] @ U[i1:c, i2:end])
+                    fit(g, torch.cat(part, 1))
+                w, d = W1[:, i], U1[i, i]
+                s, z = scales[:, g], zeros[:, g]
+                q = quantize(w.unsqueeze(1), s.unsqueeze(1), z.unsqueeze(1), maxq).squeeze(1)
+                codes[:, c] = q
+                err = (w - s * (q - z)) / d
+                loss += (err.double() ** 2).sum() / 2
+                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            # Lazy batch update: the block's accumulated errors hit the remaining columns in one matmul.
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+        codes = codes[:, torch.argsort(perm)]
+        weight = scales.repeat_interleave(width, 1) * (codes - zeros.repeat_interleave(width, 1))
+        return GPTQResult(codes.to(torch.uint8), scales, zeros, weight, float(loss))

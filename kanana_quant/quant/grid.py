@@ -1,0 +1,134 @@
+"""The integer grid every quantizer shares: w ≈ scale · (q − zero), q ∈ [0, 2^bits − 1], one (scale, zero)
+per output row and group of `group_size` input columns.
+
+Scales are rounded to fp16 before any weight is rounded, because fp16 is what the checkpoint stores: the
+saved weights dequantize to exactly the values the quantizer (and GPTQ's error feedback) worked with.
+Symmetric grids fix zero = 2^(bits−1), the GPTQ convention; the scale may still place the extreme weight
+on the lowest level (−2^(bits−1)), as llama.cpp's Q4_0 does, which the search below considers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kanana_quant.errors import KananaQuantError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUPS = (32, 64, 128, -1)  # -1 = one group per row (per-channel)
+# Candidate shrink factors of the range for the clipping search (1.0 = min/max, no clipping).
+CLIP_GRID = tuple(1.0 - 0.01 * i for i in range(0, 50, 2))
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4
+    group_size: int = 128  # -1 = per-channel
+    sym: bool = True
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise KananaQuantError(f"--bits {self.bits} is not supported; choose one of {SUPPORTED_BITS}")
+        if self.group_size not in SUPPORTED_GROUPS:
+            raise KananaQuantError(f"--group-size {self.group_size} is not supported; choose 32, 64, 128 "
+                                   "or -1 (per-channel)")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def group_width(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def check(self, in_features: int, name: str) -> None:
+        """Fail before any work when the group size does not divide a row."""
+        if self.group_size != -1 and in_features % self.group_size:
+            raise KananaQuantError(f"--group-size {self.group_size} does not divide the {in_features} input "
+                                   f"columns of {name}; choose a group size that divides it or -1")
+
+
+def to_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(x.dtype)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of w [rows, cols] on the grid of per-row scale/zero [rows, 1]."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+def minmax_params(w: torch.Tensor, spec: QuantSpec, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) [rows, 1] covering `shrink` × the row's range (GPTQ's min/max rule)."""
+    maxq = spec.maxq
+    xmin = torch.clamp(w.min(dim=1, keepdim=True).values, max=0) * shrink
+    xmax = torch.clamp(w.max(dim=1, keepdim=True).values, min=0) * shrink
+    if spec.sym:
+        xmax = torch.maximum(xmax, -xmin)
+        scale = 2 * xmax / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        scale = (xmax - xmin) / maxq
+        zero = None
+    # Check after rounding: a range below fp16's smallest subnormal would otherwise store a zero scale.
+    scale = to_fp16(scale)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if zero is None:
+        # Zero ≥ 1: GPTQ's v1 layout stores zero − 1, and loaders disagree on how to read back a stored −1.
+        zero = torch.clamp(torch.round(-xmin / scale), 1, maxq)
+    return scale, zero
+
+
+def _signed_extreme_params(w: torch.Tensor, spec: QuantSpec, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric grid whose lowest level −2^(bits−1) lands on the row's largest-magnitude weight (sign
+    taken into account), as llama.cpp does: one more usable level than absmax / (2^(bits−1) − 0.5)."""
+    half = (spec.maxq + 1) // 2
+    idx = w.abs().argmax(dim=1, keepdim=True)
+    extreme = torch.gather(w, 1, idx) * shrink
+    scale = to_fp16(-extreme / half)
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))
+    return scale, torch.full_like(scale, half)
+
+
+def fit_params(w: torch.Tensor, spec: QuantSpec, search: bool = True,
+               importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) for one group of columns w [rows, cols].
+
+    With `search`, try range shrink factors (clipping) — and for symmetric grids both scale signs — and keep,
+    per row, the one with the least squared error, weighted per column by `importance` (e.g. the diagonal
+    of the GPTQ Hessian, i.e. mean squared activations) when given.
+    """
+    scale, zero = minmax_params(w, spec)
+    if not search:
+        return scale, zero
+    weight = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if importance is None else importance
+    best = torch.full((w.shape[0], 1), float("inf"), dtype=w.dtype, device=w.device)
+    candidates = [minmax_params] + ([_signed_extreme_params] if spec.sym else [])
+    for make in candidates:
+        for shrink in CLIP_GRID:
+            s, z = make(w, spec, shrink)
+            err = ((dequantize(quantize(w, s, z, spec.maxq), s, z) - w) ** 2 * weight).sum(dim=1, keepdim=True)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def quantize_rtn(w: torch.Tensor, spec: QuantSpec, search: bool = True,
+                 importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest of a whole weight [out, in]: returns codes [out, in], scales and zeros [out, groups]."""
+    width = spec.group_width(w.shape[1])
+    codes, scales, zeros = [], [], []
+    for start in range(0, w.shape[1], width):
+        cols = slice(start, start + width)
+        s, z = fit_params(w[:, cols], spec, search, None if importance is None else importance[cols])
+        codes.append(quantize(w[:, cols], s, z, spec.maxq))
+        scales.append(s)
+        zeros.append(z)
+    return torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1)
