@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
@@ -271,7 +271,7 @@ class _Meta:
     def __init__(self, meta: dict, source: str):
         self.meta, self.source = meta, source
 
-    def int(self, key: str, default=_REQUIRED, uniform: bool = False):
+    def integer(self, key: str, default=_REQUIRED, uniform: bool = False):
         value = self.meta.get(key)
         if value is None:
             if default is _REQUIRED:
@@ -286,7 +286,7 @@ class _Meta:
             raise KananaQuantError(f"{self.source}: {key} must be a non-negative integer, got {value!r}")
         return value
 
-    def float(self, key: str, default=_REQUIRED):
+    def number(self, key: str, default=_REQUIRED):
         value = self.meta.get(key)
         if value is None:
             if default is _REQUIRED:
@@ -296,7 +296,7 @@ class _Meta:
             raise KananaQuantError(f"{self.source}: {key} must be a number, got {value!r}")
         return _f32(value)
 
-    def str(self, key: str, default=_REQUIRED):
+    def text(self, key: str, default=_REQUIRED):
         value = self.meta.get(key)
         if value is None and default is not _REQUIRED:
             return default
@@ -307,23 +307,23 @@ class _Meta:
 
 def _rope_scaling(m: _Meta) -> dict | None:
     p = f"{ARCH}.rope.scaling."
-    kind = m.str(p + "type", "none")
+    kind = m.text(p + "type", "none")
     if kind == "none" and f"{ARCH}.rope.scale_linear" in m.meta:  # the pre-2024 key
-        return {"rope_type": "linear", "factor": m.float(f"{ARCH}.rope.scale_linear")}
+        return {"rope_type": "linear", "factor": m.number(f"{ARCH}.rope.scale_linear")}
     if kind == "none":
         return None
-    if m.float(p + "attn_factor", 1.0) != 1.0:
+    if m.number(p + "attn_factor", 1.0) != 1.0:
         raise KananaQuantError(f"{m.source}: {p}attn_factor is not supported")
     if kind == "linear":
-        return {"rope_type": "linear", "factor": m.float(p + "factor")}
+        return {"rope_type": "linear", "factor": m.number(p + "factor")}
     if kind != "yarn":
         raise KananaQuantError(f"{m.source}: RoPE scaling {kind!r} is not supported (none, linear, yarn)")
-    if m.float(p + "yarn_ext_factor", 1.0) != 1.0 or m.float(p + "yarn_log_multiplier", 0.0) != 0.0:
+    if m.number(p + "yarn_ext_factor", 1.0) != 1.0 or m.number(p + "yarn_log_multiplier", 0.0) != 0.0:
         raise KananaQuantError(f"{m.source}: YaRN ext_factor/log_multiplier variants are not supported")
-    block = {"rope_type": "yarn", "factor": m.float(p + "factor"),
-             "original_max_position_embeddings": m.int(p + "original_context_length"),
-             "beta_fast": m.float(p + "yarn_beta_fast", None), "beta_slow": m.float(p + "yarn_beta_slow", None),
-             "attention_factor": m.float(p + "yarn_attn_factor", None)}
+    block = {"rope_type": "yarn", "factor": m.number(p + "factor"),
+             "original_max_position_embeddings": m.integer(p + "original_context_length"),
+             "beta_fast": m.number(p + "yarn_beta_fast", None), "beta_slow": m.number(p + "yarn_beta_slow", None),
+             "attention_factor": m.number(p + "yarn_attn_factor", None)}
     return {k: v for k, v in block.items() if v is not None}
 
 
@@ -360,7 +360,7 @@ def _llama3_factors(p: dict, wavelen: np.ndarray) -> np.ndarray:
 
 
 def _vocab_size(m: _Meta, tensors: dict[str, GGUFTensorInfo]) -> int:
-    size = m.int(f"{ARCH}.vocab_size", None)
+    size = m.integer(f"{ARCH}.vocab_size", None)
     if size is None and isinstance(m.meta.get("tokenizer.ggml.tokens"), list):
         size = len(m.meta["tokenizer.ggml.tokens"])
     if size is None and "token_embd.weight" in tensors:
@@ -383,31 +383,31 @@ def hf_config_from_gguf(meta: dict, tensors: dict[str, GGUFTensorInfo], source: 
         raise KananaQuantError(f"{source}: GGUF architecture {arch!r} is not supported; kanana-quant reads "
                                f"'{ARCH}' GGUFs (Llama, Kanana, Mixtral-style MoE)")
     p = f"{ARCH}."
-    hidden, heads = m.int(p + "embedding_length"), m.int(p + "attention.head_count")
-    kv_heads = m.int(p + "attention.head_count_kv", heads, uniform=True)
-    head_dim = m.int(p + "attention.key_length", None) or m.int(p + "rope.dimension_count", None)
+    hidden, heads = m.integer(p + "embedding_length"), m.integer(p + "attention.head_count")
+    kv_heads = m.integer(p + "attention.head_count_kv", heads, uniform=True)
+    head_dim = m.integer(p + "attention.key_length", None) or m.integer(p + "rope.dimension_count", None)
     head_dim = head_dim or (hidden // heads if heads else 0)
-    if m.int(p + "attention.value_length", head_dim) != head_dim:
+    if m.integer(p + "attention.value_length", head_dim) != head_dim:
         raise KananaQuantError(f"{source}: key and value head sizes differ; not supported")
-    if m.int(p + "rope.dimension_count", head_dim) != head_dim:
-        raise KananaQuantError(f"{source}: RoPE covers {m.int(p + 'rope.dimension_count')} of {head_dim} head "
+    if m.integer(p + "rope.dimension_count", head_dim) != head_dim:
+        raise KananaQuantError(f"{source}: RoPE covers {m.integer(p + 'rope.dimension_count')} of {head_dim} head "
                                "dimensions; partial rotary embeddings are not supported")
-    theta = m.float(p + "rope.freq_base", 10000.0)
-    experts = m.int(p + "expert_count", 0)
+    theta = m.number(p + "rope.freq_base", 10000.0)
+    experts = m.integer(p + "expert_count", 0)
     bos, eos = _special_ids(meta)
     raw = {
         "architectures": ["MixtralForCausalLM" if experts else "LlamaForCausalLM"],
         "model_type": "mixtral" if experts else "llama",
         "vocab_size": _vocab_size(m, tensors),
         "hidden_size": hidden,
-        "intermediate_size": m.int(p + "expert_feed_forward_length", None) if experts else None,
-        "num_hidden_layers": m.int(p + "block_count"),
+        "intermediate_size": m.integer(p + "expert_feed_forward_length", None) if experts else None,
+        "num_hidden_layers": m.integer(p + "block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": m.float(p + "attention.layer_norm_rms_epsilon"),
+        "rms_norm_eps": m.number(p + "attention.layer_norm_rms_epsilon"),
         "rope_theta": theta,
-        "max_position_embeddings": m.int(p + "context_length"),
+        "max_position_embeddings": m.integer(p + "context_length"),
         "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -416,10 +416,10 @@ def hf_config_from_gguf(meta: dict, tensors: dict[str, GGUFTensorInfo], source: 
         "eos_token_id": eos or None,
         "torch_dtype": "float32",
     }
-    raw["intermediate_size"] = raw["intermediate_size"] or m.int(p + "feed_forward_length", uniform=True)
+    raw["intermediate_size"] = raw["intermediate_size"] or m.integer(p + "feed_forward_length", uniform=True)
     if experts:
         raw["num_local_experts"] = experts
-        raw["num_experts_per_tok"] = m.int(p + "expert_used_count")
+        raw["num_experts_per_tok"] = m.integer(p + "expert_used_count")
     scaling = _rope_scaling(m)
     if rope_freqs is not None:
         if scaling:
@@ -567,6 +567,14 @@ class GGUFCheckpoint:
         """The GGML storage type of a canonical tensor: 'F32', 'Q4_K', ..."""
         return self._sources[name].info.ggml_type.name
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype that holds this tensor without loss once dequantized."""
+        kind = self.tensor_type(name)
+        return kind if kind in ("F32", "F16", "BF16") else "F32"
+
+    def is_quantized(self, name: str) -> bool:
+        return False  # dequantized block by block on read; the runtime sees float weights
+
     def nbytes(self) -> int:
         """Bytes the model's tensors occupy in the file (stacked expert tensors counted once)."""
         return sum({src.info.name: src.info.nbytes for src in self._sources.values()}.values())
@@ -627,10 +635,9 @@ def _metadata_of(source) -> tuple[dict, str]:
         return source.metadata, str(source.path)
     if isinstance(source, (str, Path)):
         return read_gguf_header(source).metadata, str(source)
-    fields = getattr(source, "fields", None)  # a gguf.GGUFReader
-    if fields is not None:
-        return {k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.")}, str(
-            getattr(getattr(source, "data", None), "filename", "GGUF"))
+    if isinstance(source, GGUFReader):
+        meta = {k: f.contents() for k, f in source.fields.items() if not k.startswith("GGUF.")}
+        return meta, str(getattr(source.data, "filename", "GGUF"))
     raise TypeError(f"expected a GGUF path, GGUFCheckpoint or gguf.GGUFReader, got {type(source).__name__}")
 
 

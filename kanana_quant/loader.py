@@ -17,14 +17,19 @@ from kanana_quant.tokenizer import Tokenizer
 class LoadedModel:
     path: Path
     config: ModelConfig
-    weights: HFCheckpoint
+    weights: HFCheckpoint  # or GGUFCheckpoint / QuantizedCheckpoint: the same reading interface
     tokenizer: Tokenizer
 
 
-def open_checkpoint(path: Path) -> HFCheckpoint:
-    """The weights of a model directory: float, or quantized when config.json has quantization_config."""
+def open_checkpoint(path: Path):
+    """The weights of a model: a GGUF file, or a directory (quantized when config.json has
+    quantization_config)."""
     if path.is_file():
-        raise KananaQuantError(f"{path}: a single file is not a model here; pass a Hugging Face model directory")
+        if path.suffix == ".gguf":
+            from kanana_quant.gguf_reader import GGUFCheckpoint
+
+            return GGUFCheckpoint(path)
+        raise KananaQuantError(f"{path}: not a .gguf file; pass a GGUF file or a Hugging Face model directory")
     config = load_config(path)
     if "quantization_config" in config.raw:
         return QuantizedCheckpoint(path, config)
@@ -34,5 +39,10 @@ def open_checkpoint(path: Path) -> HFCheckpoint:
 def open_model(spec: str) -> LoadedModel:
     path = resolve_model(spec)
     weights = open_checkpoint(path)
-    tokenizer = Tokenizer.from_dir(path, extra_eos_ids=weights.config.eos_token_ids)
+    if path.is_file():
+        from kanana_quant.gguf_reader import gguf_tokenizer
+
+        tokenizer = gguf_tokenizer(weights)
+    else:
+        tokenizer = Tokenizer.from_dir(path, extra_eos_ids=weights.config.eos_token_ids)
     return LoadedModel(path, weights.config, weights, tokenizer)

@@ -111,6 +111,14 @@ class Tokenizer:
             config["chat_template"] = template_file.read_text(encoding="utf-8")
         return cls(tok, config, str(path), extra_eos_ids)
 
+    def to_files(self) -> dict[str, str]:
+        """tokenizer.json and tokenizer_config.json that reproduce this tokenizer (for GGUF sources)."""
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "clean_up_tokenization_spaces": False,
+                  "chat_template": self.chat_template}
+        return {"tokenizer.json": self._tok.to_str(),
+                "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
+
     @staticmethod
     def _pick_template(value) -> str | None:
         if isinstance(value, list):  # [{name, template}, ...]: transformers uses the "default" one

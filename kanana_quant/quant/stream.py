@@ -183,7 +183,9 @@ class LayerStream:
         return QTensor(codes.cpu().numpy().astype(np.uint8), scales.float().cpu().numpy(),
                        zeros.cpu().numpy().astype(np.uint8), self.opts.fmt.bits, self.opts.fmt.group_size)
 
-    def _rtn(self, weight: torch.Tensor, importance: torch.Tensor | None = None, search: bool = True) -> QTensor:
+    def _rtn(self, weight: torch.Tensor, importance: torch.Tensor | None = None, search: bool | None = None) -> QTensor:
+        if search is None:
+            search = self.opts.extra.get("search", True)
         codes, scales, zeros = quantize_rtn(weight.float(), self.opts.spec, search, importance)
         return self._qtensor(codes, scales, zeros)
 
@@ -212,7 +214,8 @@ class LayerStream:
 
     def _solve(self, solvers: list[GPTQ], roles: list[str], layer: TorchLayer, qt: dict, report: LayerReport):
         for role, solver in zip(roles, solvers):
-            result = solver.fasterquant(self.opts.spec, percdamp=self.opts.damp, act_order=self.opts.act_order)
+            result = solver.fasterquant(self.opts.spec, percdamp=self.opts.damp, act_order=self.opts.act_order,
+                                        search=self.opts.extra.get("search", True))
             qt[role] = self._qtensor(result.codes, result.scales, result.zeros)
             report.loss += float(result.loss)
             self._set(layer, role, qt[role])
@@ -339,10 +342,13 @@ class LayerStream:
         config = dict(cfg.raw)
         config["quantization_config"] = self.opts.fmt.to_hf()
         files = {"config.json": json.dumps(config, indent=2, ensure_ascii=False)}
-        for fname in COPIED_FILES:
-            path = self.model.path / fname
-            if path.is_file():
-                files[fname] = path.read_text(encoding="utf-8")
+        if self.model.path.is_dir():
+            for fname in COPIED_FILES:
+                path = self.model.path / fname
+                if path.is_file():
+                    files[fname] = path.read_text(encoding="utf-8")
+        else:  # a GGUF source carries its tokenizer in metadata
+            files |= self.model.tokenizer.to_files()
         save_checkpoint(self.out, specs, produce, files)
         reports = (self._state() or {}).get("reports", [])
         for file in layer_files:

