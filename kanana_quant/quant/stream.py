@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -149,9 +150,8 @@ class LayerStream:
         return int(2 * quantized * per_weight + self.model.weights.nbytes() * 0.1 + acts)
 
     # -- one layer ------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def run_layer(self, i: int) -> LayerReport:
-        import time
-
         t0 = time.perf_counter()
         w = {r: torch.from_numpy(a).to(self.device) for r, a in self.model.weights.layer(i).items()}
         layer = TorchLayer(self.cfg, w, self.opts.seq_len)
@@ -163,17 +163,16 @@ class LayerStream:
             qt = self._gptq(layer, src, report) if self.opts.fmt.method == "gptq" else self._awq(layer, src, report)
             dst = self._acts((i + 1) % 2, "w+")
             self.on_stage("forward")
-            for b in range(0, len(src), self.opts.batch):
-                x = torch.from_numpy(np.array(src[b:b + self.opts.batch])).to(self.device)
-                dst[b:b + self.opts.batch] = layer.forward(x).cpu().numpy()
+            for b, x in zip(range(0, len(src), self.opts.batch), self._batches(src)):
+                dst[b:b + len(x)] = layer.forward(x).cpu().numpy()
             dst.flush()
             del src, dst
         self._write_layer(i, w, qt)
+        report.seconds = time.perf_counter() - t0
         state = self._state()
         state["done"] = i
-        state.setdefault("reports", []).append(asdict(report) | {"seconds": time.perf_counter() - t0})
+        state.setdefault("reports", []).append(asdict(report))
         self._save_state(state)
-        report.seconds = time.perf_counter() - t0
         return report
 
     def _quantized_role(self, role: str) -> bool:
