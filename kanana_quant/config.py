@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kanana_quant import kanana
-from kanana_quant.errors import KananaQuantError
+from kanana_quant.errors import KananaQuantError, read_json_object
 
 # Architecture class -> (our family name, MoE tensor naming or None).
 SUPPORTED_ARCHITECTURES = {
@@ -90,15 +89,7 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise KananaQuantError(f"{path}: no config.json; pass a Hugging Face model directory")
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise KananaQuantError(f"{path}: config.json is over 1 MiB; this is not a model config")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise KananaQuantError(f"{path}: not valid JSON ({e}); re-download the model") from None
-        if not isinstance(raw, dict):
-            raise KananaQuantError(f"{path}: expected a JSON object")
-        return _parse(raw, str(path))
+        return _parse(read_json_object(path, MAX_CONFIG_BYTES), str(path))
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":

@@ -12,7 +12,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from kanana_quant import kanana
-from kanana_quant.errors import KananaQuantError
+from kanana_quant.errors import KananaQuantError, read_json_object
 
 MAX_TOKENIZER_BYTES = 64 << 20
 REPLACEMENT_CHAR = "\ufffd"
@@ -23,18 +23,6 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _read_json(path: Path, limit: int) -> dict:
-    if path.stat().st_size > limit:
-        raise KananaQuantError(f"{path}: file is over {limit >> 20} MiB; refusing to parse it")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KananaQuantError(f"{path}: not valid JSON ({e}); re-download the model") from None
-    if not isinstance(data, dict):
-        raise KananaQuantError(f"{path}: expected a JSON object")
-    return data
 
 
 class _Namespace(jinja2.utils.Namespace):
@@ -105,7 +93,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise KananaQuantError(f"{path}: cannot load ({str(e).splitlines()[0][:200]}); re-download it") from None
         cfg_path = model_dir / "tokenizer_config.json"
-        config = _read_json(cfg_path, MAX_TOKENIZER_BYTES) if cfg_path.is_file() else {}
+        config = read_json_object(cfg_path, MAX_TOKENIZER_BYTES) if cfg_path.is_file() else {}
         template_file = model_dir / "chat_template.jinja"
         if template_file.is_file() and "chat_template" not in config:
             config["chat_template"] = template_file.read_text(encoding="utf-8")
