@@ -15,9 +15,9 @@ from kanana_quant.loader import open_model
 from kanana_quant.runtimes.numpy_engine import NumpyEngine
 
 
-def cli(*args, input=None):
+def cli(*args, input=None, env=None):
     return subprocess.run([sys.executable, "-m", "kanana_quant.cli", *map(str, args)], capture_output=True,
-                          text=True, input=input, timeout=300)
+                          text=True, input=input, timeout=300, env=env)
 
 
 def test_info(tiny_dense):
@@ -85,6 +85,32 @@ def test_chat_session_reuses_cache_and_matches_fresh_prefill(tiny_dense):
     fresh = ChatSession(NumpyEngine(loaded.weights), loaded.tokenizer, params, 6)
     fresh.messages = session.messages[:2]  # same history, empty cache
     assert "".join(fresh.reply("두 번째 질문")) == second
+
+
+def test_interrupted_reply_keeps_session_usable(tiny_dense):
+    """Ctrl-C in `chat` closes the reply iterator: the partial reply stays in the history, the next turn works."""
+    from kanana_quant.runtimes.generate import ChatSession
+    from kanana_quant.runtimes.sampling import SamplingParams
+
+    loaded = open_model(str(tiny_dense))
+    session = ChatSession(NumpyEngine(loaded.weights), loaded.tokenizer, SamplingParams(temperature=1.0, seed=1), 40)
+    reply = session.reply("tell me a long story")
+    pieces = [next(reply), next(reply)]
+    reply.close()
+    assert session.messages[-1]["role"] == "assistant"
+    assert session.messages[-1]["content"].startswith("".join(pieces).strip()[:3])
+    assert session.engine.pos == len(session.cached) > 0
+    assert "".join(session.reply("and then?"))
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_hub_id_offline_is_one_line(tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = cli("info", "kakao/kanana-nano-2.1b-instruct", env=env)
+    assert result.returncode == 2
+    assert "local directory" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_demo_runs(tmp_path):
