@@ -64,36 +64,36 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return scale * (q - zero)
 
 
-def minmax_params(w: torch.Tensor, spec: QuantSpec, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) [rows, 1] covering `shrink` × the row's range (GPTQ's min/max rule)."""
+def _range_params(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) [rows, 1] covering [xmin ≤ 0, xmax ≥ 0] (GPTQ's min/max rule)."""
     maxq = spec.maxq
-    xmin = torch.clamp(w.min(dim=1, keepdim=True).values, max=0) * shrink
-    xmax = torch.clamp(w.max(dim=1, keepdim=True).values, min=0) * shrink
     if spec.sym:
-        xmax = torch.maximum(xmax, -xmin)
-        scale = 2 * xmax / maxq
-        zero = torch.full_like(scale, (maxq + 1) // 2)
+        scale = 2 * torch.maximum(xmax, -xmin) / maxq
     else:
         scale = (xmax - xmin) / maxq
-        zero = None
     # Check after rounding: a range below fp16's smallest subnormal would otherwise store a zero scale.
     scale = to_fp16(scale)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if zero is None:
-        # Zero ≥ 1: GPTQ's v1 layout stores zero − 1, and loaders disagree on how to read back a stored −1.
-        zero = torch.clamp(torch.round(-xmin / scale), 1, maxq)
-    return scale, zero
+    if spec.sym:
+        return scale, torch.full_like(scale, (maxq + 1) // 2)
+    # Zero ≥ 1: GPTQ's v1 layout stores zero − 1, and loaders disagree on how to read back a stored −1.
+    return scale, torch.clamp(torch.round(-xmin / scale), 1, maxq)
 
 
-def _signed_extreme_params(w: torch.Tensor, spec: QuantSpec, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _extreme_params(extreme: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric grid whose lowest level −2^(bits−1) lands on the row's largest-magnitude weight (sign
     taken into account), as llama.cpp does: one more usable level than absmax / (2^(bits−1) − 0.5)."""
     half = (spec.maxq + 1) // 2
-    idx = w.abs().argmax(dim=1, keepdim=True)
-    extreme = torch.gather(w, 1, idx) * shrink
     scale = to_fp16(-extreme / half)
     scale = torch.where(scale != 0, scale, torch.ones_like(scale))
     return scale, torch.full_like(scale, half)
+
+
+def minmax_params(w: torch.Tensor, spec: QuantSpec, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) [rows, 1] covering `shrink` × the row's range."""
+    xmin = torch.clamp(w.min(dim=1, keepdim=True).values, max=0)
+    xmax = torch.clamp(w.max(dim=1, keepdim=True).values, min=0)
+    return _range_params(xmin * shrink, xmax * shrink, spec)
 
 
 def fit_params(w: torch.Tensor, spec: QuantSpec, search: bool = True,
@@ -104,15 +104,19 @@ def fit_params(w: torch.Tensor, spec: QuantSpec, search: bool = True,
     per row, the one with the least squared error, weighted per column by `importance` (e.g. the diagonal
     of the GPTQ Hessian, i.e. mean squared activations) when given.
     """
-    scale, zero = minmax_params(w, spec)
+    xmin = torch.clamp(w.min(dim=1, keepdim=True).values, max=0)
+    xmax = torch.clamp(w.max(dim=1, keepdim=True).values, min=0)
+    scale, zero = _range_params(xmin, xmax, spec)
     if not search:
         return scale, zero
     weight = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if importance is None else importance
+    extreme = torch.gather(w, 1, w.abs().argmax(dim=1, keepdim=True))
     best = torch.full((w.shape[0], 1), float("inf"), dtype=w.dtype, device=w.device)
-    candidates = [minmax_params] + ([_signed_extreme_params] if spec.sym else [])
-    for make in candidates:
-        for shrink in CLIP_GRID:
-            s, z = make(w, spec, shrink)
+    for shrink in CLIP_GRID:
+        candidates = [_range_params(xmin * shrink, xmax * shrink, spec)]
+        if spec.sym:
+            candidates.append(_extreme_params(extreme * shrink, spec))
+        for s, z in candidates:
             err = ((dequantize(quantize(w, s, z, spec.maxq), s, z) - w) ** 2 * weight).sum(dim=1, keepdim=True)
             better = err < best
             best = torch.where(better, err, best)
