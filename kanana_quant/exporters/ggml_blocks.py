@@ -14,10 +14,11 @@ Layouts per block (ggml-common.h):
   Q5_K  as Q4_K with 32 B of fifth bits before the nibbles (bit s of byte l = sub-block s, element l)
   Q6_K  128 B low nibbles | 64 B high 2-bit pairs | int8 sc[16] | fp16 d   w = d·sc·(q − 32) per 16
 
-Q8_0/Q4_0/Q4_1/Q5_0 reproduce llama.cpp's ``quantize_row_*_ref`` bit for bit. The K-quants run the same
-searches as llama.cpp (make_qkx2_quants for Q4_K/Q5_K, make_qx_quants for Q6_K, and with an importance
-matrix make_qkx3_quants + make_qp_quants, or weighted make_qx_quants for Q6_K), with the same candidates
-and tie rules, but sum float32 in another order, so a few bytes may differ from llama.cpp's.
+Q8_0/Q4_0/Q4_1/Q5_0 reproduce llama.cpp's ``quantize_row_*_ref`` bit for bit (and gguf-py's quantizer).
+The K-quants run llama.cpp's searches: make_qkx2_quants for Q4_K/Q5_K and make_qx_quants for Q6_K, or with
+an importance matrix make_qkx3_quants + make_qp_quants (weighted make_qx_quants for Q6_K), with the same
+candidates, tie rules and left-to-right float32 sums. They matched a plain C build of those functions byte
+for byte on the tensors tried; a build that fuses multiply-adds (-march=native) can differ on near-ties.
 
 ``pack_q4_0`` / ``pack_q5_0`` / ``pack_q8_0`` / ``pack_q4_1`` carry already-quantized codes exactly;
 ``fit_q*_k`` / ``pack_q*_k`` expose the K-quant fields so other code can fill the K grids itself.
@@ -66,7 +67,8 @@ def _rows(parts: list[np.ndarray], qtype: T) -> np.ndarray:
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
     """Little-endian fp16 bytes, [..., 2]; numpy's cast rounds to nearest even like GGML_FP32_TO_FP16."""
-    h = np.ascontiguousarray(np.asarray(x).astype("<f2"))
+    with np.errstate(over="ignore"):  # fp16 overflow gives inf, as ggml's conversion does
+        h = np.ascontiguousarray(np.asarray(x).astype("<f2"))
     return h.reshape(*h.shape, 1).view(np.uint8)
 
 
@@ -102,6 +104,12 @@ def _inv(d: np.ndarray) -> np.ndarray:
 def _safe(x: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """x where ok, else 1: a divisor that raises no warnings on the lanes we throw away."""
     return np.where(ok, x, _F32(1))
+
+
+def _sum(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis left to right, as ggml's loops do: numpy's pairwise sum rounds differently
+    and flips near-ties between candidate grids."""
+    return np.cumsum(a, axis=-1, dtype=a.dtype)[..., -1]
 
 
 def _signed_absmax(x: np.ndarray) -> np.ndarray:
@@ -215,7 +223,7 @@ def _fp16_exact(x, shape: tuple, qtype: T, name: str) -> np.ndarray:
 
 
 def pack_q4_0(codes, scales) -> np.ndarray:
-    """Exact Q4_0 bytes for w = scales·(codes − 8): codes uint8 [rows, cols] in [0, 15], scales [rows, cols/32]."""
+    """Exact Q4_0 bytes for w = scales·(codes − 8): codes in [0, 15], scales [rows, cols/32]."""
     q = _codes(codes, 0, 15, T.Q4_0)
     return _pack_q4_0(_Sym(_fp16_exact(scales, q.shape[:2], T.Q4_0, "scales"), q.astype(np.uint8)))
 
@@ -251,23 +259,23 @@ def _affine_fit(x, wt, nmax: int, rmin: float, rdelta: float, nstep: int):
     lo = np.minimum(x.min(axis=-1), 0)
     hi = x.max(axis=-1)
     flat = hi <= lo  # nothing to spread: ggml returns scale 0 and codes 0
-    sum_w, sum_x = wt.sum(axis=-1), (wt * x).sum(axis=-1)
+    sum_w, sum_x = _sum(wt), _sum(wt * x)
 
     def codes(iscale, lo):
         return _nearest(iscale[..., None] * (x - lo[..., None]), 0, nmax)
 
     def error(scale, lo, L):
-        return (wt * np.square(scale[..., None] * L + lo[..., None] - x)).sum(axis=-1)
+        return _sum(wt * np.square(scale[..., None] * L + lo[..., None] - x))
 
-    span = _safe(hi - lo, ~flat)
-    scale = span / _F32(nmax)
-    L = codes(_F32(nmax) / span, lo)
+    iscale = _F32(nmax) / _safe(hi - lo, ~flat)
+    scale = _F32(1) / iscale
+    L = codes(iscale, lo)
     best = error(scale, lo, L)
     for step in range(nstep + 1):
         # ggml rebuilds the trial grid from the best min so far, so later steps start from moved mins
         span = _safe(hi - lo, ~flat)
         trial = codes((_F32(rmin) + _F32(rdelta) * _F32(step) + _F32(nmax)) / span, lo)
-        s_l, s_l2, s_xl = (wt * trial).sum(-1), (wt * trial * trial).sum(-1), (wt * trial * x).sum(-1)
+        s_l, s_l2, s_xl = _sum(wt * trial), _sum(wt * trial * trial), _sum(wt * trial * x)
         det = sum_w * s_l2 - s_l * s_l
         ok = (det > 0) & ~flat
         t_scale = (sum_w * s_xl - sum_x * s_l) / _safe(det, ok)
@@ -292,10 +300,10 @@ def _qp_fit(x, wt, nmax: int):
 
     def mse(iscale):
         L = np.minimum(np.rint(iscale[..., None] * x), nmax)
-        return (wt * np.square(x - L / iscale[..., None])).sum(axis=-1)
+        return _sum(wt * np.square(x - (_F32(1) / iscale)[..., None] * L))
 
     iscale = _F32(nmax) / top
-    best = (wt * np.square(x - np.rint(iscale[..., None] * x) / iscale[..., None])).sum(axis=-1)
+    best = _sum(wt * np.square(x - (_F32(1) / iscale)[..., None] * np.rint(iscale[..., None] * x)))
     for step in (-4, -3, -2, -1, 1, 2, 3, 4):
         cand = (_F32(0.1) * _F32(step) + _F32(nmax)) / top
         err = mse(cand)
@@ -310,7 +318,7 @@ def _qp_fit(x, wt, nmax: int):
 def _descend(x, wt, L, nmax: int, passes: int = 5):
     """make_qp_quants' refinement, in place on L: move one code at a time to where the scale fitted to the
     others puts it, keeping the move if sumlx²/suml2 (the explained energy) grows."""
-    sumlx, suml2 = (wt * x * L).sum(axis=-1), (wt * L * L).sum(axis=-1)
+    sumlx, suml2 = _sum(wt * x * L), _sum(wt * L * L)
     for _ in range(passes):
         moved = False
         for i in range(x.shape[-1]):
@@ -337,7 +345,7 @@ def _qx_fit(x, wt, nmax: int):
 
     def trial(stretch):
         l = _nearest((-(_F32(nmax) + stretch) / top)[..., None] * x, -nmax, nmax - 1)
-        return l, (wt * x * l).sum(axis=-1), (wt * l * l).sum(axis=-1)
+        return l, _sum(wt * x * l), _sum(wt * l * l)
 
     L, sumlx, suml2 = trial(_F32(0))
     scale = np.where(suml2 != 0, sumlx / _safe(suml2, suml2 != 0), _F32(0))
@@ -380,7 +388,7 @@ def _six_bit_ref(v):
 def _importance_weights(x, imp):
     """ggml's imatrix weighting: importance times sqrt(σ² + x²), σ² = 2·mean(x²) over the super-block,
     so that tiny weights in an important column still count a little."""
-    sigma2 = 2 * np.mean(x * x, axis=(-2, -1), keepdims=True)
+    sigma2 = _F32(2) * _sum((x * x).reshape(*x.shape[:-2], -1))[..., None, None] / _F32(QK_K)
     return imp * np.sqrt(sigma2 + x * x)
 
 
@@ -388,13 +396,13 @@ def _fit_kaffine(x, imp, nmax: int) -> KAffine:
     xs = x.reshape(*x.shape[:-1], QK_K // _SUB_K, _SUB_K)
     if imp is None:
         # ggml's reference weights: |x| plus the sub-block's RMS, favouring large weights
-        wt = np.sqrt(np.mean(xs * xs, axis=-1, keepdims=True)) + np.abs(xs)
+        wt = np.sqrt(_sum(xs * xs)[..., None] / _F32(_SUB_K)) + np.abs(xs)
         scale, mn, L = _affine_fit(xs, wt, nmax, *_REF_SEARCH[nmax])
         (d, sc), (dmin, m) = _six_bit_ref(scale), _six_bit_ref(mn)
     else:
         wt = _importance_weights(xs, imp.reshape(-1, QK_K // _SUB_K, _SUB_K))
         scale, mn, L = _affine_fit(xs, wt, nmax, *_IMATRIX_SEARCH)
-        sw = wt.sum(axis=-1)
+        sw = _sum(wt)
         (d, sc), (dmin, m) = _qp_fit(scale, sw, 63), _qp_fit(mn, sw, 63)
     d, dmin = d.astype(np.float16), dmin.astype(np.float16)
     # codes are refitted to the scales as stored (fp16 × 6 bits), as ggml does after packing them
@@ -555,7 +563,8 @@ _TAKES_IMPORTANCE = (T.Q4_K, T.Q5_K, T.Q6_K)
 def quantize(w, qtype: T, importance=None) -> np.ndarray:
     """Bytes of w as qtype; importance is only accepted by the K-quants."""
     if qtype not in QUANTIZERS:
-        raise ValueError(f"{T(qtype).name}: no packer here (supported: {', '.join(t.name for t in SUPPORTED)})")
+        names = ", ".join(t.name for t in SUPPORTED)
+        raise ValueError(f"{T(qtype).name}: no packer here (supported: {names})")
     if importance is not None and qtype not in _TAKES_IMPORTANCE:
         raise ValueError(f"{qtype.name}: importance weighting is only implemented for the K-quants")
     if importance is None:
