@@ -112,12 +112,15 @@ def fit_params(w: torch.Tensor, spec: QuantSpec, search: bool = True,
     weight = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if importance is None else importance
     extreme = torch.gather(w, 1, w.abs().argmax(dim=1, keepdim=True))
     best = torch.full((w.shape[0], 1), float("inf"), dtype=w.dtype, device=w.device)
+    buf = torch.empty_like(w)  # one scratch tensor: fresh temporaries per candidate cost more than the math
     for shrink in CLIP_GRID:
         candidates = [_range_params(xmin * shrink, xmax * shrink, spec)]
         if spec.sym:
             candidates.append(_extreme_params(extreme * shrink, spec))
         for s, z in candidates:
-            err = ((dequantize(quantize(w, s, z, spec.maxq), s, z) - w) ** 2 * weight).sum(dim=1, keepdim=True)
+            # weight · (s·(clamp(round(w/s) + z) − z) − w)², the same operations as dequantize(quantize(·))
+            torch.div(w, s, out=buf).round_().add_(z).clamp_(0, spec.maxq).sub_(z).mul_(s).sub_(w)
+            err = buf.square_().mul_(weight).sum(dim=1, keepdim=True)
             better = err < best
             best = torch.where(better, err, best)
             scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
