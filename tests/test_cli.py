@@ -135,3 +135,17 @@ def test_bad_invocations_exit_2_with_one_line(tiny_dense, tmp_path, args, messag
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_runtime_path_never_imports_torch(tiny_dense, tmp_path):
+    """A runtime-only install has no torch: loading a model and generating must not need it."""
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+from kanana_quant.cli import main
+sys.argv = ["kanana-quant", "generate", {str(tiny_dense)!r}, "--prompt", "hi", "--max-tokens", "3"]
+main()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
