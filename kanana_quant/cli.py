@@ -293,31 +293,22 @@ def chat(
 
 @app.command()
 def demo(
+    model: str = typer.Option("smollm2", help="smollm2 (default, from PyPI), tiny (synthetic), or a model path/id."),
     out: Path = typer.Option(Path("kanana-quant-demo"), "-o", "--out", help="Folder for the demo's outputs."),
-    max_tokens: int = typer.Option(24, help="Tokens to generate per prompt."),
+    method: str = typer.Option("gptq", help="gptq, awq or rtn."),
+    bits: int = typer.Option(4, help="Bits per weight."),
+    max_tokens: int = typer.Option(32, help="Tokens to generate per prompt."),
+    samples: int = typer.Option(32, help="Calibration sequences."),
+    seq_len: int = typer.Option(256, help="Tokens per calibration sequence and per perplexity window."),
 ):
-    """The pipeline on a small model: for now synthesise a tiny Kanana-shaped model, run it, report speed."""
-    from kanana_quant.loader import open_model
-    from kanana_quant.runtimes.generate import generate as run
-    from kanana_quant.runtimes.numpy_engine import NumpyEngine
-    from kanana_quant.runtimes.sampling import SamplingParams
-    from kanana_quant.synth import TINY, synth_model
+    """The main job on a small real model: quantize, then run float and quantized side by side."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise KananaQuantError("demo quantizes, which needs torch: pip install torch==2.13.0 (CPU build)") from None
+    from kanana_quant.demo import run_demo
 
-    model_dir = out / "tiny-kanana"
-    log(f"[bold]1/2[/bold] synthesising a tiny Kanana-shaped model (random weights) in {model_dir}")
-    synth_model(model_dir, TINY["dense"], seed=0, overwrite=True)
-    loaded = open_model(str(model_dir))
-    runtime = NumpyEngine(loaded.weights)
-    tok = loaded.tokenizer
-    log("[bold]2/2[/bold] generating with the numpy runtime (random weights: the text is noise)")
-    for prompt in ("The capital of Korea is", "한국의 수도는"):
-        ids = tok.encode(prompt, add_special_tokens=True)
-        start = time.perf_counter()
-        new = list(run(runtime, ids, max_tokens, SamplingParams(), ()))
-        elapsed = time.perf_counter() - start
-        print(f"{prompt!r} -> {tok.decode(new)!r}")
-        print(f"  numpy runtime: {len(new)} tokens in {elapsed:.2f} s = {len(new) / elapsed:.1f} tokens/s")
-    print(f"demo outputs: {out.resolve()}")
+    run_demo(model, out, method, bits, max_tokens, samples, seq_len)
 
 
 def main() -> None:
