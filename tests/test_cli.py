@@ -114,9 +114,12 @@ def test_hub_id_offline_is_one_line(tmp_path):
 
 
 def test_demo_runs(tmp_path):
-    result = cli("demo", "-o", tmp_path / "demo", "--max-tokens", 4)
+    result = cli("demo", "--model", "tiny", "-o", tmp_path / "demo", "--max-tokens", 4, "--samples", 4,
+                 "--seq-len", 64)
     assert result.returncode == 0, result.stderr
-    assert "tokens/s" in result.stdout and "demo outputs:" in result.stdout
+    assert "numpy tokens/s" in result.stdout and "gptq 4-bit g32" in result.stdout
+    assert "demo outputs:" in result.stdout
+    assert (tmp_path / "demo" / "tiny-kanana-gptq-4bit" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -264,7 +264,7 @@ def _plans(cfg: ModelConfig, key: str, has_imatrix: bool) -> list[_Plan]:
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute: per head, interleave the two rotary halves (llama.cpp
     rotates adjacent pairs, Hugging Face rotates half against half). Inverse of gguf_reader.unpermute_rows."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w
 
 
 def _permuted(q, n_head: int):
@@ -528,7 +528,8 @@ def export_gguf(model, out_path: str | Path, file_type: str, importance: dict[st
     importance = dict(importance or {})
     _check_importance(cfg, importance)
     writer = gguf.GGUFWriter(None, ARCH_NAME)
-    _add_hyperparameters(writer, cfg, Path(model.path).name, ftype)
+    source = Path(model.path)
+    _add_hyperparameters(writer, cfg, source.name if source.is_dir() else source.stem, ftype)
     _add_tokenizer(writer, model.tokenizer, cfg)
     plans = _plans(cfg, key, has_imatrix=bool(importance))
     for plan in plans:
