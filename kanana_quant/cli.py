@@ -246,6 +246,29 @@ def quantize(
     log(f"wrote {out}")
 
 
+export_app = typer.Typer(no_args_is_help=True, help="Export a float or quantized model for another runtime.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("gguf")
+def export_gguf(
+    src: str = typer.Argument(..., help="Float model, our quantized checkpoint, or a GGUF file."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output .gguf file."),
+    file_type: str = typer.Option("Q4_K_M", "--type", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K_M, "
+                                                           "Q5_K_M or Q6_K."),
+):
+    """Write a llama.cpp GGUF; GPTQ/RTN/AWQ codes are carried over exactly where the GGUF type can hold them."""
+    from kanana_quant.exporters.gguf import export_gguf as export, file_type_info
+    from kanana_quant.loader import open_model
+
+    file_type_info(file_type)  # validates the type name before loading anything
+    loaded = open_model(src)
+    n = len(loaded.weights.names)
+    with progress_bar(f"writing {out.name}", n) as advance:
+        export(loaded, out, file_type, on_tensor=advance)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
 @app.command()
 def chat(
     model: str = ModelArg,

@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_TEXT, VARIANTS
+from conftest import SAMPLE_TEXT
 from kanana_quant.config import ModelConfig
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.exporters.gguf import FILE_TYPES, carrier_file_type, export_gguf, tensor_type

@@ -264,7 +264,7 @@ def _plans(cfg: ModelConfig, key: str, has_imatrix: bool) -> list[_Plan]:
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute: per head, interleave the two rotary halves (llama.cpp
     rotates adjacent pairs, Hugging Face rotates half against half). Inverse of gguf_reader.unpermute_rows."""
-    return w
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _permuted(q, n_head: int):
