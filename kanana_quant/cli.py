@@ -16,10 +16,10 @@ from kanana_quant.progress import console, log, progress_bar
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize Kanana LLMs and run them offline on a CPU.")
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130  # 0 success, 1 a bug (traceback): see README "Exit codes"
 ENGINES = ("numpy",)
 
-ModelArg = typer.Argument(..., help="Local model directory or Hugging Face id.")
+ModelArg = typer.Argument(..., help="Model directory, quantized checkpoint, .gguf file or Hugging Face id.")
 
 
 def _load(model: str, max_seq_len: int | None = None, engine: str = "numpy"):
@@ -47,11 +47,12 @@ def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json", he
     from kanana_quant.hub import resolve_model
     from kanana_quant.loader import open_checkpoint
 
-    ckpt = open_checkpoint(resolve_model(model))
+    path = resolve_model(model)
+    ckpt = open_checkpoint(path)
     cfg = ckpt.config
     rope = cfg.rope_scaling
     facts = {
-        "path": str(ckpt.dir), "architecture": cfg.architecture, "parameters": cfg.num_parameters(),
+        "path": str(path), "architecture": cfg.architecture, "parameters": cfg.num_parameters(),
         "bytes": ckpt.nbytes(), "dtype": cfg.torch_dtype, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
         "intermediate": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "context": cfg.max_position_embeddings,
