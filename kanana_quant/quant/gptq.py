@@ -35,15 +35,16 @@ def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     idx = torch.arange(H.shape[0], device=H.device)
     for attempt in range(DAMP_RETRIES + 1):
         p = percdamp if attempt == 0 else max(percdamp, 1e-3) * 10 ** attempt
-        Hd = H.clone()
+        # With J the exchange (flip) matrix and J·H·J = M·Mᵀ, the upper Cholesky factor of H⁻¹ is J·M⁻¹·J:
+        # one Cholesky and one triangular inverse instead of forming H⁻¹ and factoring it again (~3x less
+        # work at 8064 columns; torch's CPU cholesky_inverse is also pathologically slow in 2.13).
+        Hd = torch.flip(H, (0, 1))
         Hd[idx, idx] += p * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
+        M, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
-            # cholesky_solve against I, not cholesky_inverse: same H⁻¹, but torch's CPU cholesky_inverse
-            # took 12 s where this takes 0.3 s for 2048 columns (MKL, torch 2.13).
             eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)
-            if info == 0 and torch.isfinite(U).all():
+            U = torch.flip(torch.linalg.solve_triangular(M, eye, upper=False), (0, 1))
+            if torch.isfinite(U).all() and bool((torch.diagonal(U) > 0).all()):
                 return U
     return torch.diag(torch.rsqrt(torch.diag(H) + mean_diag))
 
