@@ -48,6 +48,7 @@ def machine() -> dict:
 
     return {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "cpu": platform.processor()
             or platform.machine(), "cores": os.cpu_count(), "numpy": np.__version__,
+            "threads": os.environ.get("OMP_NUM_THREADS", "default"),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
 
 
