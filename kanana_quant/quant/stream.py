@@ -184,7 +184,9 @@ class LayerStream:
 
     def _rtn(self, weight: torch.Tensor, importance: torch.Tensor | None = None, search: bool | None = None) -> QTensor:
         if search is None:
-            search = self.opts.extra.get("search", True)
+            # Unweighted clipping search helps symmetric grids but hurt asymmetric ones in bench/quality.py
+            # (SmolLM2: 3-bit g64 asym PPL 97.5 -> 101.2, 4-bit per-channel asym 52.6 -> 75.0).
+            search = self.opts.extra.get("search", self.opts.fmt.sym)
         codes, scales, zeros = quantize_rtn(weight.float(), self.opts.spec, search, importance)
         return self._qtensor(codes, scales, zeros)
 
