@@ -164,6 +164,20 @@ def pack_gptq(codes, zeros, scales, bits: int, group_size: int) -> dict[str, np.
     }
 
 
+def _packed_tensors(tensors: dict, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """qweight, qzeros (as int32 words) and scales, each present and 2-D."""
+    for key in ("qweight", "qzeros", "scales"):
+        if key not in tensors:
+            raise KananaQuantError(f"{fmt} tensors are missing {key!r} (have {sorted(tensors)})")
+    qweight = _as_words(tensors["qweight"], "qweight")
+    qzeros = _as_words(tensors["qzeros"], "qzeros")
+    scales = np.asarray(tensors["scales"])
+    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2:
+        raise KananaQuantError(f"{fmt} tensors must be 2-D; got qweight {qweight.shape}, qzeros {qzeros.shape}, "
+                               f"scales {scales.shape}")
+    return qweight, qzeros, scales
+
+
 def unpack_gptq(tensors: dict, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inverse of pack_gptq: (codes uint8 [out, in], zeros int32 [out, n_groups], scales float32).
 
@@ -171,15 +185,7 @@ def unpack_gptq(tensors: dict, bits: int, group_size: int) -> tuple[np.ndarray, 
     all-ones field comes back as 2^bits rather than being silently wrapped to 0.
     """
     _check_gptq_bits(bits)
-    for key in ("qweight", "qzeros", "scales"):
-        if key not in tensors:
-            raise KananaQuantError(f"GPTQ tensors are missing {key!r} (have {sorted(tensors)})")
-    qweight = _as_words(tensors["qweight"], "qweight")
-    qzeros = _as_words(tensors["qzeros"], "qzeros")
-    scales = np.asarray(tensors["scales"])
-    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2:
-        raise KananaQuantError(f"GPTQ tensors must be 2-D; got qweight {qweight.shape}, qzeros {qzeros.shape}, "
-                               f"scales {scales.shape}")
+    qweight, qzeros, scales = _packed_tensors(tensors, "GPTQ")
     _, n_words = _run(bits)
     if qweight.shape[0] % n_words or qzeros.shape[1] % n_words:
         raise KananaQuantError(f"GPTQ {bits}-bit: qweight rows {qweight.shape[0]} and qzeros columns "
@@ -254,15 +260,7 @@ def pack_awq(codes, zeros, scales, group_size: int, bits: int = 4) -> dict[str, 
 def unpack_awq(tensors: dict, group_size: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inverse of pack_awq: (codes uint8 [out, in], zeros int32 [out, n_groups], scales float32)."""
     _check_awq_bits(bits)
-    for key in ("qweight", "qzeros", "scales"):
-        if key not in tensors:
-            raise KananaQuantError(f"AWQ tensors are missing {key!r} (have {sorted(tensors)})")
-    qweight = _as_words(tensors["qweight"], "qweight")
-    qzeros = _as_words(tensors["qzeros"], "qzeros")
-    scales = np.asarray(tensors["scales"])
-    if qweight.ndim != 2 or qzeros.ndim != 2 or scales.ndim != 2:
-        raise KananaQuantError(f"AWQ tensors must be 2-D; got qweight {qweight.shape}, qzeros {qzeros.shape}, "
-                               f"scales {scales.shape}")
+    qweight, qzeros, scales = _packed_tensors(tensors, "AWQ")
     in_f, out_f = qweight.shape[0], qweight.shape[1] * 8
     gs = in_f if group_size == -1 else group_size
     if gs <= 0 or in_f % gs:
