@@ -91,7 +91,7 @@ def run_demo(model: str, out: Path, method: str, bits: int, max_tokens: int, sam
     source = open_model(_source(model, out))
     group = group_size_for(source)
     log(f"[bold]2/4[/bold] running the float model ({source.path.name})")
-    runs = [_run("float", source, max_tokens, seq_len)]
+    runs = [_run(f"source ({source.path.name})", source, max_tokens, seq_len)]
     quantized = out / f"{source.path.stem}-{method}-{bits}bit"
     log(f"[bold]3/4[/bold] {method} {bits}-bit, group {group}: calibrating on {samples} x {seq_len} tokens "
         f"of the built-in bilingual set → {quantized}")

@@ -568,9 +568,10 @@ class GGUFCheckpoint:
         return self._sources[name].info.ggml_type.name
 
     def dtype(self, name: str) -> str:
-        """The safetensors dtype that holds this tensor without loss once dequantized."""
+        """The safetensors dtype a float copy of this tensor is written in: its own for float types, else
+        F16 (as GPTQ checkpoints store unquantized tensors; F32 would double a Q8_0 embedding twice over)."""
         kind = self.tensor_type(name)
-        return kind if kind in ("F32", "F16", "BF16") else "F32"
+        return kind if kind in ("F32", "F16", "BF16") else "F16"
 
     def is_quantized(self, name: str) -> bool:
         return False  # dequantized block by block on read; the runtime sees float weights

@@ -137,3 +137,17 @@ def test_cli_quantize_then_generate_and_eval_with_ref(tiny_dense, tmp_path):
                                "--json"], capture_output=True, text=True)
     result = json.loads(ev.stdout)
     assert 0 < result["kl_divergence"] < 1 and result["ref_perplexity"] != result["perplexity"]
+
+
+def test_quantize_from_a_gguf_source(tiny_dense, tmp_path):
+    """GGUF files are sources too: the checkpoint gets tokenizer files rebuilt from GGUF metadata."""
+    from kanana_quant.exporters.gguf import export_gguf
+
+    gguf_path = export_gguf(open_model(str(tiny_dense)), tmp_path / "tiny.gguf", "Q8_0")
+    out = quantize(gguf_path, tmp_path / "q", "gptq")
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    from_gguf, from_hf = open_model(str(out)), open_model(str(tiny_dense))
+    assert from_gguf.tokenizer.encode(SAMPLE_TEXT) == from_hf.tokenizer.encode(SAMPLE_TEXT)
+    assert ("embed" in from_gguf.weights.names and from_gguf.weights.dtype("embed") == "F16")
+    reference = open_model(str(gguf_path)).weights.get("layers.0.q")
+    assert np.abs(from_gguf.weights.get("layers.0.q") - reference).mean() < 0.15 * np.abs(reference).mean()
