@@ -259,13 +259,12 @@ def export_gguf(
                                                            "Q5_K_M or Q6_K."),
 ):
     """Write a llama.cpp GGUF; GPTQ/RTN/AWQ codes are carried over exactly where the GGUF type can hold them."""
-    from kanana_quant.exporters.gguf import export_gguf as export, file_type_info
+    from kanana_quant.exporters.gguf import export_gguf as export, file_type_info, tensor_count
     from kanana_quant.loader import open_model
 
     file_type_info(file_type)  # validates the type name before loading anything
     loaded = open_model(src)
-    n = len(loaded.weights.names)
-    with progress_bar(f"writing {out.name}", n) as advance:
+    with progress_bar(f"writing {out.name}", tensor_count(loaded.config, file_type)) as advance:
         export(loaded, out, file_type, on_tensor=advance)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 

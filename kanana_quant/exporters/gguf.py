@@ -257,6 +257,11 @@ def _plans(cfg: ModelConfig, key: str, has_imatrix: bool) -> list[_Plan]:
     return plans
 
 
+def tensor_count(cfg: ModelConfig, file_type: str) -> int:
+    """How many GGUF tensors export_gguf writes (experts are stacked), e.g. for a progress bar."""
+    return len(_plans(cfg, file_type_info(file_type)[0], has_imatrix=False))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Encoding one tensor
 
