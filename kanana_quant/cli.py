@@ -17,20 +17,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Quantize Kanana LLMs and run them offline on a CPU.")
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130  # 0 success, 1 a bug (traceback): see README "Exit codes"
-ENGINES = ("numpy",)
 
+EngineOption = typer.Option("auto", help="auto, numpy, llama.cpp (a .gguf) or onnxruntime (an ONNX export); "
+                                         "auto = onnxruntime for ONNX exports, else numpy.")
 ModelArg = typer.Argument(..., help="Model directory, quantized checkpoint, .gguf file or Hugging Face id.")
 
 
-def _load(model: str, max_seq_len: int | None = None, engine: str = "numpy"):
+def _load(model: str, max_seq_len: int | None = None, engine: str = "auto", all_logits: bool = False):
+    from kanana_quant.hub import resolve_model
     from kanana_quant.loader import open_model
-    from kanana_quant.runtimes.numpy_engine import NumpyEngine
+    from kanana_quant.runtimes.engines import open_engine, resolve_engine
 
-    if engine not in ENGINES:
-        raise KananaQuantError(f"--engine {engine!r} is not available; choose one of: {', '.join(ENGINES)}")
+    resolve_engine(engine, resolve_model(model))  # a wrong --engine fails before any loading
     loaded = open_model(model)
     with progress_bar(f"loading {loaded.path.name}", loaded.config.num_layers) as advance:
-        runtime = NumpyEngine(loaded.weights, max_seq_len=max_seq_len, on_layer=advance)
+        runtime = open_engine(loaded, engine, max_seq_len=max_seq_len, on_layer=advance, all_logits=all_logits)
     return loaded, runtime
 
 
@@ -114,7 +115,7 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, help="HF-style repetition penalty (1 = off)."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
     chat_template: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn in the chat template."),
-    engine: str = typer.Option("numpy", help="Engine: numpy."),
+    engine: str = EngineOption,
 ):
     """Print the continuation of PROMPT (only the new text on stdout; logs on stderr)."""
     from kanana_quant.runtimes.generate import generate as run
@@ -142,7 +143,7 @@ def evaluate(
     text: Path = typer.Option(..., help="UTF-8 text file to score."),
     ctx: int = typer.Option(512, help="Window length in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    engine: str = typer.Option("numpy", help="Engine: numpy."),
+    engine: str = EngineOption,
     ref: Optional[str] = typer.Option(None, help="Float model to compare with: adds its perplexity and the KL "
                                                  "divergence from it."),
 ):
@@ -155,7 +156,7 @@ def evaluate(
         body = text.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise KananaQuantError(f"{text}: not UTF-8 text") from None
-    loaded, runtime = _load(model, max_seq_len=ctx, engine=engine)
+    loaded, runtime = _load(model, max_seq_len=ctx, engine=engine, all_logits=True)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
     ref_runtime = None
     if ref is not None:
@@ -279,7 +280,7 @@ def chat(
     top_p: float = typer.Option(0.9),
     repetition_penalty: float = typer.Option(1.0),
     seed: Optional[int] = typer.Option(None),
-    engine: str = typer.Option("numpy", help="Engine: numpy."),
+    engine: str = EngineOption,
 ):
     """Interactive chat with streaming replies. /reset clears the history, /exit or Ctrl-D quits;
     Ctrl-C stops a reply without ending the session."""

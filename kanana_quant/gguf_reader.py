@@ -32,6 +32,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 from kanana_quant import names
 from kanana_quant.config import ModelConfig
 from kanana_quant.errors import KananaQuantError
+from kanana_quant.rope import attention_factor_from_llamacpp
 from kanana_quant.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------------------
@@ -324,6 +325,8 @@ def _rope_scaling(m: _Meta) -> dict | None:
              "original_max_position_embeddings": m.integer(p + "original_context_length"),
              "beta_fast": m.number(p + "yarn_beta_fast", None), "beta_slow": m.number(p + "yarn_beta_slow", None),
              "attention_factor": m.number(p + "yarn_attn_factor", None)}
+    if block["attention_factor"] is not None:  # llama.cpp's key multiplies the 1 + 0.1·ln(factor) it derives
+        block["attention_factor"] = attention_factor_from_llamacpp(block["attention_factor"], block["factor"])
     return {k: v for k, v in block.items() if v is not None}
 
 

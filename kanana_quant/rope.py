@@ -76,3 +76,23 @@ def rope_cos_sin(cfg: ModelConfig, positions: np.ndarray, dtype=np.float32) -> t
     inv_freq, scale = rope_frequencies(cfg)
     angles = np.outer(np.asarray(positions, dtype=np.float64), inv_freq)
     return (np.cos(angles) * scale).astype(dtype), (np.sin(angles) * scale).astype(dtype)
+
+
+def llamacpp_yarn(cfg: ModelConfig) -> dict | None:
+    """YaRN as llama.cpp's context parameters (llama_context_params names).
+
+    llama.cpp's `llama` architecture takes beta_fast/beta_slow from the context, not from the GGUF keys
+    (defaults 32 and 1, HF's defaults too), so a model with other betas (Kanana-1.5-8B: 64 and 2) needs
+    them passed when the context is made. llama.cpp multiplies `attn_factor` by 1 + 0.1·ln(factor) itself.
+    """
+    s = cfg.rope_scaling
+    if s is None or s.rope_type != "yarn":
+        return None
+    return {"yarn_beta_fast": float(s.beta_fast), "yarn_beta_slow": float(s.beta_slow),
+            "yarn_attn_factor": _yarn_attention_factor(s) / _yarn_mscale(s.factor),
+            "yarn_orig_ctx": int(s.original_max_position_embeddings or cfg.max_position_embeddings)}
+
+
+def attention_factor_from_llamacpp(attn_factor: float, factor: float) -> float:
+    """HF's YaRN attention_factor from llama.cpp's attn_factor multiplier (the inverse of llamacpp_yarn)."""
+    return attn_factor * _yarn_mscale(factor)

@@ -17,6 +17,8 @@ YARN = {"type": "yarn", "factor": 4.4, "original_max_position_embeddings": 128, 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 
+WIDE = {"hidden_size": 256, "head_dim": 64, "intermediate_size": 512}
+
 # name -> HF config: dense tied/untied with every RoPE kind, MoE in both tensor namings.
 VARIANTS = {
     "dense-tied": TINY["dense"],
@@ -25,6 +27,9 @@ VARIANTS = {
     "moe-mixtral": TINY["moe"],
     "moe-qwen": TINY["qwen-moe"],
     "moe-qwen-no-renorm": {**TINY["qwen-moe"], "norm_topk_prob": False},
+    # Rows of 256 so llama.cpp's K-quants apply (the 96-wide models fall back to legacy types).
+    "dense-256": {**TINY["dense"], **WIDE},
+    "moe-256": {**TINY["moe"], **WIDE, "intermediate_size": 256},
 }
 
 

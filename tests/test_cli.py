@@ -127,6 +127,8 @@ def test_demo_runs(tmp_path):
     (["generate", "{tiny}", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
     (["generate", "{tiny}", "--prompt", "x", "--engine", "tensorrt"], "--engine"),
     (["generate", "{tiny}", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
+    (["generate", "{tiny}", "--prompt", "x", "--engine", "llama.cpp"], "runs .gguf files"),
+    (["generate", "{tiny}", "--prompt", "x", "--engine", "onnxruntime"], "ONNX export directory"),
     (["eval", "{tiny}", "--text", "/no/such.txt"], "no such text file"),
     (["synth", "-o", "{tmp}/x"], "exactly one of"),
     (["synth", "-o", "{tmp}/x", "--preset", "kanana-99b"], "unknown model preset"),
@@ -152,3 +154,20 @@ main()
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_generate_and_eval_in_llamacpp_engine(tiny_dense, tmp_path):
+    """The same F32 GGUF through --engine llama.cpp and --engine numpy: same greedy text, same perplexity."""
+    gguf = tmp_path / "m.gguf"
+    assert cli("export", "gguf", tiny_dense, "-o", gguf, "--type", "F32").returncode == 0
+    outs = {e: cli("generate", gguf, "--prompt", "카나나 says", "--max-tokens", 12, "--engine", e) for e in
+            ("numpy", "llama.cpp")}
+    assert all(r.returncode == 0 for r in outs.values()), [r.stderr for r in outs.values()]
+    assert outs["numpy"].stdout == outs["llama.cpp"].stdout and outs["numpy"].stdout.strip()
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT * 8, encoding="utf-8")
+    ppl = {e: json.loads(cli("eval", gguf, "--text", text, "--ctx", 64, "--json", "--engine", e).stdout)
+           for e in ("numpy", "llama.cpp")}
+    assert ppl["llama.cpp"]["engine"] == "llama.cpp"
+    # llama.cpp's default F16 KV cache is the only difference from our float32 runtime here.
+    assert ppl["llama.cpp"]["perplexity"] == pytest.approx(ppl["numpy"]["perplexity"], rel=1e-3)

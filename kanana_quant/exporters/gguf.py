@@ -32,6 +32,7 @@ from kanana_quant.config import ModelConfig
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.exporters import ggml_blocks
 from kanana_quant.gguf_reader import PRE_TOKENIZER_SPLITS
+from kanana_quant.rope import llamacpp_yarn
 
 log = logging.getLogger(__name__)
 
@@ -398,13 +399,16 @@ def _add_rope_scaling(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(s.factor)
         return
+    # The beta keys are written although llama.cpp's llama architecture reads them from its context
+    # parameters instead (see rope.llamacpp_yarn): they keep the file a complete description of the model.
+    yarn = llamacpp_yarn(cfg)
     w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     w.add_rope_scaling_factor(s.factor)
-    w.add_rope_scaling_orig_ctx_len(s.original_max_position_embeddings)
-    w.add_rope_scaling_yarn_beta_fast(s.beta_fast)
-    w.add_rope_scaling_yarn_beta_slow(s.beta_slow)
+    w.add_rope_scaling_orig_ctx_len(yarn["yarn_orig_ctx"])
+    w.add_rope_scaling_yarn_beta_fast(yarn["yarn_beta_fast"])
+    w.add_rope_scaling_yarn_beta_slow(yarn["yarn_beta_slow"])
     if s.attention_factor is not None:  # otherwise llama.cpp derives 1 + 0.1·ln(factor) as HF does
-        w.add_rope_scaling_yarn_attn_factor(float(s.attention_factor))
+        w.add_rope_scaling_yarn_attn_factor(yarn["yarn_attn_factor"])
 
 
 def _pre_tokenizer_name(tok, where: str) -> str:
