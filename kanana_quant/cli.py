@@ -193,13 +193,29 @@ def quantize(
     resume: bool = typer.Option(False, help="Continue an interrupted run at the next layer."),
     damp: float = typer.Option(0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal."),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ column order by Hessian diagonal."),
+    out_format: str = typer.Option("hf", "--format", help="hf (GPTQ/AWQ-layout checkpoint) or gguf (GPTQ on the "
+                                                          "GGUF types of --type, written as OUT.gguf)."),
+    gguf_type: str = typer.Option("Q4_K_M", "--type", help="With --format gguf: Q4_0, Q5_0, Q8_0, Q4_K_M, "
+                                                           "Q5_K_M or Q6_K."),
 ):
-    """Quantize MODEL one decoder layer at a time into a GPTQ/AWQ-layout checkpoint."""
+    """Quantize MODEL one decoder layer at a time into a GPTQ/AWQ-layout checkpoint (or a GGUF file)."""
     from kanana_quant.qcheckpoint import METHODS, QuantFormat
     from kanana_quant.quant.grid import QuantSpec
 
     if method not in METHODS:
         raise KananaQuantError(f"--method {method!r} is not supported; choose one of: {', '.join(METHODS)}")
+    if out_format not in ("hf", "gguf"):
+        raise KananaQuantError(f"--format {out_format!r} is not supported; choose hf or gguf")
+    if out_format == "gguf":
+        from kanana_quant.exporters.gguf import file_type_info
+
+        if method != "gptq":
+            raise KananaQuantError("--format gguf runs GPTQ on the GGUF grids: use --method gptq (for RTN, "
+                                   "`kanana-quant export gguf` quantizes as llama-quantize does)")
+        if file_type_info(gguf_type)[0] in ("F32", "F16", "BF16"):
+            raise KananaQuantError(f"--type {gguf_type} is not quantized; GPTQ needs a quantized GGUF type")
+        if out.suffix != ".gguf":
+            raise KananaQuantError(f"--format gguf writes a file: give -o a name ending in .gguf, not {out}")
     QuantSpec(bits, group_size, sym)  # validates bits and group size before any loading
     if samples < 1 or seq_len < 8:
         raise KananaQuantError(f"--samples must be >= 1 and --seq-len >= 8, got {samples} and {seq_len}")
@@ -221,7 +237,13 @@ def quantize(
         raise KananaQuantError(f"{model}: is already quantized; pass the float model")
     opts = QuantOptions(QuantFormat(method, bits, group_size, sym), calib, samples, seq_len, seed, damp=damp,
                         act_order=act_order, device=device)
-    stream, first = prepare(loaded, out, opts, resume)
+    if out_format == "gguf":
+        from kanana_quant.quant.gguf_stream import GGUFStream
+
+        stream = GGUFStream(loaded, out, opts, gguf_type)
+        first = stream.start(resume)
+    else:
+        stream, first = prepare(loaded, out, opts, resume)
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 

@@ -333,6 +333,11 @@ def _is_quantized(weights, name: str) -> bool:
 
 
 def _encode(weights, name: str, plan: _Plan, importance: dict) -> tuple[np.ndarray, bool | None]:
+    packed = getattr(weights, "ggml_bytes", None)  # GPTQ run on this type's grid (quant/gguf_stream.py)
+    if packed is not None:
+        data = packed(name, plan.ggml_type, plan.heads)
+        if data is not None:
+            return data, True
     quantized = _is_quantized(weights, name)
     if quantized and plan.ggml_type in CARRIERS:
         q = weights.qtensor(name)

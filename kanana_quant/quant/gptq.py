@@ -10,6 +10,7 @@ lazily-fitted groups; hence every group's (scale, zero) is fitted up front on th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,6 +27,15 @@ class GPTQResult:
     zeros: torch.Tensor   # float32 [out, n_groups]
     weight: torch.Tensor  # float32 [out, in] == scales · (codes − zeros), per group
     loss: float           # Σ err² / d², the quantity GPTQ minimises greedily (reference's Losses.sum())
+
+
+@dataclass
+class ColumnGrid:
+    """A grid fixed before GPTQ runs: column c of row r may take scale[r, c] · (q − zero[r, c]),
+    q ∈ [0, maxq]; zero may be fractional (K-quants' sub-block minimum)."""
+    scale: torch.Tensor  # float32 [out, in], non-zero
+    zero: torch.Tensor   # float32 [out, in]
+    maxq: int
 
 
 def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -78,7 +88,10 @@ class GPTQ:
         self.H += x.T @ x
 
     def fasterquant(self, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = True,
-                    static_groups: bool = True, search: bool = True) -> GPTQResult:
+                    static_groups: bool = True, search: bool = True,
+                    grid: Callable[[torch.Tensor], ColumnGrid] | None = None) -> GPTQResult:
+        """Quantize on `spec`'s grid, or — given `grid`, which fits a per-column grid to the weights and the
+        importance diag(H) up front — on that one (e.g. a GGUF K-quant's two-level scales)."""
         if self.H is None:
             raise RuntimeError("GPTQ.fasterquant was already called; the Hessian has been freed")
         spec.check(self.columns, "a GPTQ layer")
@@ -95,6 +108,8 @@ class GPTQ:
         H[dead, dead] = 1
         W[:, dead] = 0
 
+        if grid is not None:
+            return self._on_grid(W, H, grid(W, importance), blocksize, percdamp, act_order)
         scales = torch.zeros(self.rows, n_groups, dtype=torch.float32, device=dev)
         zeros = torch.zeros_like(scales)
         # Act-order visits groups out of order, so it can only keep contiguous groups if they are fitted first.
@@ -144,3 +159,31 @@ class GPTQ:
         codes = codes[:, torch.argsort(perm)]
         weight = scales.repeat_interleave(width, 1) * (codes - zeros.repeat_interleave(width, 1))
         return GPTQResult(codes.to(torch.uint8), scales, zeros, weight, float(loss))
+
+    def _on_grid(self, W: torch.Tensor, H: torch.Tensor, grid: ColumnGrid, blocksize: int, percdamp: float,
+                 act_order: bool) -> GPTQResult:
+        cols, dev = self.columns, W.device
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols, device=dev)
+        W, H = W[:, perm], H[perm][:, perm]
+        S, Z = grid.scale[:, perm], grid.zero[:, perm]
+        U = _hinv_cholesky(H, percdamp)
+        del H
+        codes = torch.zeros_like(W)
+        loss = torch.zeros((), dtype=torch.float64, device=dev)
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+            Err1 = torch.zeros_like(W1)
+            for i in range(i2 - i1):
+                w, d, s, z = W1[:, i], U1[i, i], S[:, i1 + i], Z[:, i1 + i]
+                q = torch.clamp(torch.round(w / s + z), 0, grid.maxq)
+                codes[:, i1 + i] = q
+                err = (w - s * (q - z)) / d
+                loss += (err.double() ** 2).sum() / 2
+                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        weight = grid.scale * (codes - grid.zero)
+        return GPTQResult(codes.to(torch.uint8), grid.scale, grid.zero, weight, float(loss))

@@ -1,0 +1,87 @@
+"""GPTQ on GGUF grids (quant/ggml_grid.py, quant/gguf_stream.py): the file holds exactly GPTQ's weights,
+they beat llama.cpp-style importance-weighted rounding on the same type, and llama.cpp runs the file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+from conftest import SAMPLE_TEXT
+from ggml_activations import numpy_engine_like_llamacpp
+from kanana_quant.exporters import ggml_blocks
+from kanana_quant.loader import open_model
+from kanana_quant.quant import ggml_grid
+from kanana_quant.quant.gptq import GPTQ
+from kanana_quant.quant.grid import QuantSpec
+from test_cli import cli
+from test_gptq import correlated, recon
+
+TYPES = [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+def gptq_on(qtype, x, w):
+    solver = GPTQ(w)
+    solver.add_batch(x)
+    fitted = {}
+
+    def grid(weight, importance):
+        fitted["fit"] = ggml_grid.fitter(qtype)(weight, importance)
+        return fitted["fit"].grid
+
+    result = solver.fasterquant(QuantSpec(4, 32, True), grid=grid)
+    return result, fitted["fit"].pack(result.codes.numpy())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_packed_bytes_dequantize_to_gptq_weights(qtype):
+    x, w = correlated(0, n=1024, d=512, rows=32)
+    result, data = gptq_on(qtype, x, w)
+    theirs = dequantize(data, qtype)  # gguf-py, which follows ggml's published block layouts
+    assert theirs.shape == tuple(w.shape)
+    # K-quants: GPTQ forms step·(q − low/step), ggml step·q − low: float32 rounding of the minimum, ~1e-8
+    np.testing.assert_allclose(theirs, result.weight.numpy(), rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(theirs, w.numpy())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_gptq_beats_importance_weighted_rounding_on_the_same_type(qtype):
+    x, w = correlated(1, n=1024, d=512, rows=32)
+    result, _ = gptq_on(qtype, x, w)
+    importance = (x * x).mean(0).numpy()  # llama.cpp's imatrix: mean squared activation per column
+    rtn = dequantize(ggml_blocks.quantize(w.numpy(), qtype, importance if qtype in (T.Q4_K, T.Q5_K, T.Q6_K)
+                                          else None), qtype)
+    assert recon(x, w, result.weight) < 0.8 * recon(x, w, torch.from_numpy(rtn))
+
+
+@pytest.mark.parametrize("variant, file_type", [("dense-256", "Q4_K_M"), ("moe-256", "Q4_0")])
+def test_quantize_format_gguf_runs_in_llamacpp(model_dirs, tmp_path, variant, file_type):
+    from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
+
+    out = tmp_path / "m.gguf"
+    result = cli("quantize", model_dirs(variant), "-o", out, "--format", "gguf", "--type", file_type,
+                 "--samples", 8, "--seq-len", 64)
+    assert result.returncode == 0, result.stderr
+    assert not list(tmp_path.glob(".*work"))
+    model = open_model(str(out))
+    ids = model.tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)[:12]
+    llama = LlamaCppEngine(out, model.config, max_seq_len=64, threads=1, f32_kv_cache=True)
+    theirs = np.stack([llama.forward([t]) for t in ids])
+    ours = numpy_engine_like_llamacpp(model.weights)
+    ours = np.stack([ours.forward([t]) for t in ids])
+    assert ours.std() > 0.5
+    assert np.max(np.abs(theirs[0] - ours[0])) <= 1e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "gguf", "--method", "awq"], "use --method gptq"),
+    (["--format", "gguf", "--type", "F16"], "not quantized"),
+    (["--format", "gguf", "--type", "Q3_X"], "unknown GGUF type"),
+    (["--format", "onnx"], "--format 'onnx' is not supported"),
+])
+def test_quantize_format_gguf_bad_arguments(tiny_dense, tmp_path, args, message):
+    result = cli("quantize", tiny_dense, "-o", tmp_path / "m.gguf", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not list(tmp_path.iterdir())
