@@ -292,6 +292,37 @@ def export_gguf(
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
+@export_app.command("onnx")
+def export_onnx(
+    src: str = typer.Argument(..., help="Float model or our quantized checkpoint (RTN/GPTQ/AWQ)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (model.onnx, weights, tokenizer, sidecar)."),
+    accuracy_level: int = typer.Option(4, help="MatMulNBits/QMoE accuracy level: 4 = int8 activations (fastest "
+                                               "on CPU), 0 = fp32 activations (matches the numpy runtime)."),
+    lm_head: str = typer.Option("auto", help="auto (the checkpoint's codes, else 8-bit for quantized sources and "
+                                             "float for float ones), float, q8 or q4."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+):
+    """Write an onnxruntime decoder (KV cache, GroupQueryAttention, MatMulNBits/QMoE carrying quantized codes
+    exactly) and run it with `generate/chat/eval OUT` (engine onnxruntime)."""
+    try:
+        from kanana_quant.exporters.onnx import ACCURACY_LEVELS, LM_HEAD_CHOICES, export_onnx as export, export_steps
+    except ImportError as exc:
+        raise KananaQuantError(f"export onnx needs the onnx package ({exc}); install it with "
+                               "`pip install 'kanana-quant[onnx]'`") from None
+    from kanana_quant.loader import open_model
+
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise KananaQuantError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
+    if lm_head not in LM_HEAD_CHOICES:
+        raise KananaQuantError(f"--lm-head {lm_head!r} is not known; choose one of: {', '.join(LM_HEAD_CHOICES)}")
+    loaded = open_model(src)
+    with progress_bar(f"writing {out.name}", export_steps(loaded.config)) as advance:
+        report = export(loaded, out, accuracy_level=accuracy_level, lm_head=lm_head, on_step=advance,
+                        overwrite=overwrite)
+    ops = ", ".join(f"{n} {k}" for k, n in sorted(report.linears.items()))
+    log(f"wrote {out} ({report.nbytes / 1e6:.1f} MB; {ops}; lm_head {report.lm_head})")
+
+
 @app.command()
 def chat(
     model: str = ModelArg,

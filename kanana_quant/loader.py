@@ -8,6 +8,7 @@ from pathlib import Path
 from kanana_quant.checkpoint import HFCheckpoint
 from kanana_quant.config import ModelConfig, load_config
 from kanana_quant.errors import KananaQuantError
+from kanana_quant.exporters.onnx_sidecar import OnnxExport, is_onnx_export  # noqa: F401 (is_onnx_export: API)
 from kanana_quant.hub import resolve_model
 from kanana_quant.qcheckpoint import QuantizedCheckpoint
 from kanana_quant.tokenizer import Tokenizer
@@ -17,19 +18,22 @@ from kanana_quant.tokenizer import Tokenizer
 class LoadedModel:
     path: Path
     config: ModelConfig
-    weights: HFCheckpoint  # or GGUFCheckpoint / QuantizedCheckpoint: the same reading interface
+    weights: HFCheckpoint  # or GGUFCheckpoint / QuantizedCheckpoint: the same reading interface; OnnxExport
+    # for an ONNX export directory (config and sizes only: its weights run in onnxruntime)
     tokenizer: Tokenizer
 
 
 def open_checkpoint(path: Path):
-    """The weights of a model: a GGUF file, or a directory (quantized when config.json has
-    quantization_config)."""
+    """The weights of a model: a GGUF file, an ONNX export directory, or a directory (quantized when
+    config.json has quantization_config)."""
     if path.is_file():
         if path.suffix == ".gguf":
             from kanana_quant.gguf_reader import GGUFCheckpoint
 
             return GGUFCheckpoint(path)
         raise KananaQuantError(f"{path}: not a .gguf file; pass a GGUF file or a Hugging Face model directory")
+    if is_onnx_export(path):
+        return OnnxExport(path)
     config = load_config(path)
     if "quantization_config" in config.raw:
         return QuantizedCheckpoint(path, config)

@@ -1,0 +1,478 @@
+"""ONNX export: a loaded model (HF float or our quantized checkpoint) as one onnxruntime decoder graph with a
+KV cache, plus config, tokenizer files and a `genai_config.json` sidecar (see onnx_sidecar.py).
+
+Per layer: SkipSimplifiedLayerNormalization (the residual add fused with RMSNorm) → one fused QKV linear →
+GroupQueryAttention (rotary from our own cos/sin caches, YaRN's attention factor folded in, past and present
+KV sharing one buffer) → o → SkipSimplifiedLayerNormalization → fused gate|up linear → SiLU·up → down; MoE
+layers run `QMoE` (or `MoE` for float weights) on the router logits. Linears are `MatMulNBits` carrying the
+checkpoint's codes exactly (onnx_pack.py) or float MatMul; embeddings are a Gather.
+
+Weights are read, packed and appended to `model.onnx.data` one layer at a time (always external data, so
+graphs over 2 GB need nothing special); the directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from kanana_quant import __version__
+from kanana_quant.atomic import atomic_dir, ensure_free_space
+from kanana_quant.config import ModelConfig
+from kanana_quant.errors import KananaQuantError
+from kanana_quant.exporters import onnx_pack
+from kanana_quant.exporters import onnx_sidecar as sc
+from kanana_quant.rope import rope_cos_sin
+
+log = logging.getLogger(__name__)
+
+MS = "com.microsoft"
+OPSET = 21
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+LM_HEAD_CHOICES = ("auto", "float", "q8", "q4")
+_ALIGN_LARGE = 4096  # page-aligned offsets for big tensors, so onnxruntime can map them
+_INLINE_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: Path
+    nbytes: int
+    linears: dict  # kind -> count: "MatMulNBits", "MatMul", ...
+    moe_op: str | None
+    lm_head: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Graph building with streamed external data
+
+
+class _Graph:
+    def __init__(self, data_path: Path):
+        self.nodes: list = []
+        self.initializers: list[TensorProto] = []
+        self._data = open(data_path, "wb")
+        self._offset = 0
+        self._counter = 0
+        self.kinds: dict[str, int] = {}
+
+    def close(self) -> None:
+        self._data.close()
+
+    def name(self, stem: str) -> str:
+        self._counter += 1
+        return f"{stem}_{self._counter}"
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        """An initializer; arrays over 1 KiB are appended to the external data file."""
+        array = np.ascontiguousarray(array)
+        if array.nbytes <= _INLINE_BYTES:
+            self.initializers.append(onnx.numpy_helper.from_array(array, name))
+            return name
+        align = _ALIGN_LARGE if array.nbytes >= (1 << 20) else 64
+        pad = (-self._offset) % align
+        if pad:
+            self._data.write(b"\0" * pad)
+            self._offset += pad
+        tensor = TensorProto()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", sc.DATA_FILE), ("offset", str(self._offset)),
+                           ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self._data.write(memoryview(array.reshape(-1).view(np.uint8)))
+        self._offset += array.nbytes
+        self.initializers.append(tensor)
+        return name
+
+    def shape_const(self, values) -> str:
+        return self.const(self.name("shape"), np.asarray(values, dtype=np.int64))
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
+             outputs: list[str] | None = None, **attrs) -> list[str]:
+        node_name = name or self.name(op)
+        outputs = outputs or [f"{node_name}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=node_name, domain=domain or None, **attrs))
+        return outputs
+
+    def one(self, *args, **kwargs) -> str:
+        return self.node(*args, **kwargs)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def _qtensor_or_none(weights, name: str):
+    if getattr(weights, "format", None) is not None and weights.is_quantized(name):
+        return weights.qtensor(name)
+    return None
+
+
+@dataclass
+class _Options:
+    accuracy_level: int
+    lm_head: str
+    notes: list = field(default_factory=list)
+
+
+class _Exporter:
+    def __init__(self, model, graph: _Graph, opts: _Options):
+        self.weights, self.cfg, self.g, self.opts = model.weights, model.config, graph, opts
+
+    # --- linear layers ------------------------------------------------------------------------------------
+
+    def _matmul_nbits(self, x: str, nb: onnx_pack.NBits, prefix: str) -> str:
+        n, k = nb.shape
+        inputs = [x, self.g.const(prefix + ".qweight", nb.packed), self.g.const(prefix + ".scales", nb.scales)]
+        if nb.zeros is not None:
+            inputs.append(self.g.const(prefix + ".qzeros", nb.zeros))
+        self.g.kinds["MatMulNBits"] = self.g.kinds.get("MatMulNBits", 0) + 1
+        return self.g.one("MatMulNBits", inputs, domain=MS, name=prefix + "/MatMulNBits", K=k, N=n, bits=nb.bits,
+                          block_size=nb.block, accuracy_level=self.opts.accuracy_level)
+
+    def _float_matmul(self, x: str, w: np.ndarray, prefix: str) -> str:
+        self.g.kinds["MatMul"] = self.g.kinds.get("MatMul", 0) + 1
+        weight = self.g.const(prefix + ".weight_t", np.ascontiguousarray(np.asarray(w, np.float32).T))
+        return self.g.one("MatMul", [x, weight], name=prefix + "/MatMul")
+
+    def linear(self, x: str, names_: list[str], prefix: str) -> str:
+        """y = x · [W_a; W_b; …]ᵀ for the canonical weights `names_`, fused into one op. Quantized weights with
+        one grid go to MatMulNBits with their codes; anything else runs as float MatMul (dequantized exactly)."""
+        qs = [_qtensor_or_none(self.weights, n) for n in names_]
+        if all(q is not None for q in qs) and len({(q.bits, q.group_size) for q in qs}) == 1:
+            codes, scales, zeros = onnx_pack.concat_rows(qs)
+            nb = onnx_pack.from_codes(codes, scales, zeros, qs[0].bits, qs[0].group_size)
+            del codes, scales, zeros
+            if nb is not None:
+                return self._matmul_nbits(x, nb, prefix)
+            self.opts.notes.append(f"{prefix}: no MatMulNBits block fits; stored as float")
+        w = np.concatenate([q.dequantize() if q is not None else self.weights.get(n) for q, n in zip(qs, names_)])
+        return self._float_matmul(x, w, prefix)
+
+    # --- blocks -------------------------------------------------------------------------------------------
+
+    def attention(self, i: int, x: str, cos: str, sin: str) -> str:
+        cfg, p = self.cfg, f"layers.{i}."
+        if cfg.qk_norm or cfg.attention_bias:
+            q, k, v = (self.linear(x, [p + r], f"layers.{i}.attn.{r}_proj") for r in ("q", "k", "v"))
+            if cfg.attention_bias:
+                q, k, v = (self.g.one("Add", [t, self.g.const(f"layers.{i}.attn.{r}_proj.bias", self.weights.get(
+                    p + r + "_bias"))]) for t, r in ((q, "q"), (k, "k"), (v, "v")))
+            if cfg.qk_norm:
+                q = self._head_norm(q, p + "q_norm", cfg.num_heads, f"layers.{i}.attn.q_norm")
+                k = self._head_norm(k, p + "k_norm", cfg.num_kv_heads, f"layers.{i}.attn.k_norm")
+            qkv = [q, k, v]
+        else:
+            qkv = [self.linear(x, [p + "q", p + "k", p + "v"], f"layers.{i}.attn.qkv_proj"), "", ""]
+        past_k, past_v = sc.past_names(i)
+        present_k, present_v = sc.present_names(i)
+        out = self.g.node("GroupQueryAttention", [*qkv, past_k, past_v, sc.SEQLENS_K, sc.TOTAL_LENGTH, cos, sin],
+                          outputs=[f"layers.{i}.attn/out", present_k, present_v], domain=MS,
+                          name=f"layers.{i}.attn/GroupQueryAttention", num_heads=cfg.num_heads,
+                          kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0)[0]
+        return self.linear(out, [p + "o"], f"layers.{i}.attn.o_proj")
+
+    def _head_norm(self, x: str, weight: str, heads: int, prefix: str) -> str:
+        cfg = self.cfg
+        split = self.g.one("Reshape", [x, self.g.shape_const([1, -1, heads, cfg.head_dim])])
+        normed = self.g.one("SimplifiedLayerNormalization", [split, self.g.const(prefix + ".weight",
+                            self.weights.get(weight))], name=prefix + "/SimplifiedLayerNormalization", axis=-1,
+                            epsilon=cfg.rms_norm_eps)
+        return self.g.one("Reshape", [normed, self.g.shape_const([1, -1, heads * cfg.head_dim])])
+
+    def dense_mlp(self, i: int, x: str) -> str:
+        p, inter = f"layers.{i}.", self.cfg.intermediate_size
+        gate_up = self.linear(x, [p + "gate", p + "up"], f"layers.{i}.mlp.gate_up_proj")
+        gate, up = self.g.node("Split", [gate_up, self.g.shape_const([inter, inter])], n_out=2, axis=-1)
+        act = self.g.one("Mul", [gate, self.g.one("Sigmoid", [gate])])
+        return self.linear(self.g.one("Mul", [act, up]), [p + "down"], f"layers.{i}.mlp.down_proj")
+
+    def moe(self, i: int, x: str) -> str:
+        cfg, moe, p = self.cfg, self.cfg.moe, f"layers.{i}."
+        flat = self.g.one("Reshape", [x, self.g.shape_const([-1, cfg.hidden_size])])
+        router = self._float_matmul(flat, self.weights.get(p + "router"), f"layers.{i}.moe.router")
+        experts = range(moe.num_experts)
+        qs = [_qtensor_or_none(self.weights, f"{p}experts.0.{r}") for r in ("gate", "up", "down")]
+        quantized = all(q is not None for q in qs) and len({(q.bits, q.group_size) for q in qs}) == 1
+        bits = onnx_pack.storage_bits(qs[0].bits) if quantized else None
+        group = qs[0].group_size if quantized else None
+        # QMoE's block-wise 8-bit experts always quantize activations to int8 (its CPU kernel has no fp32 path),
+        # so they are exact only at accuracy level 4; below it the experts run dequantized in the float MoE op.
+        use_qmoe = quantized and not (bits == 8 and group != -1 and self.opts.accuracy_level < 4)
+        if use_qmoe and group != -1 and (cfg.hidden_size % group or moe.expert_intermediate_size % group):
+            use_qmoe = False
+        attrs = dict(k=moe.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                     activation_beta=0.0, normalize_routing_weights=int(moe.norm_topk_prob))
+        name = f"layers.{i}.moe"
+        if use_qmoe:
+            fc1 = self._stack_experts(i, experts, ("gate", "up"), bits, group)
+            fc2 = self._stack_experts(i, experts, ("down",), bits, group)
+            inputs = [flat, router, fc1[0], fc1[1], "", fc2[0], fc2[1], "", "", "", "", fc1[2] or "", fc2[2] or ""]
+            if not moe.norm_topk_prob:
+                # Without renormalisation QMoE would mix by its top-k softmax; router_weights makes it mix by the
+                # full softmax probabilities while router_probs (the logits) still select the experts.
+                inputs += ["", self.g.one("Softmax", [router], axis=-1)]
+            while inputs[-1] == "":
+                inputs.pop()
+            if group != -1:
+                attrs["block_size"] = group
+            out = self.g.one("QMoE", inputs, domain=MS, name=name + "/QMoE", expert_weight_bits=bits,
+                             accuracy_level=self.opts.accuracy_level, **attrs)
+            self.g.kinds["QMoE"] = self.g.kinds.get("QMoE", 0) + 1
+        else:
+            fc1, fc2 = self._float_experts(i, experts)
+            out = self.g.one("MoE", [flat, router, fc1, "", fc2], domain=MS, name=name + "/MoE", **attrs)
+            self.g.kinds["MoE"] = self.g.kinds.get("MoE", 0) + 1
+        return self.g.one("Reshape", [out, self.g.shape_const([1, -1, cfg.hidden_size])])
+
+    def _stack_experts(self, i: int, experts, roles: tuple[str, ...], bits: int, group: int):
+        """[E, rows, K·bits/8] codes, [E, rows(, blocks)] scales and packed zeros (None when all default); for
+        gate|up the rows interleave gate and up (the layout QMoE's CPU SwiGLU requires)."""
+        packed = scales = zeros = None
+        default = True
+        for e in experts:
+            qs = [self.weights.qtensor(f"layers.{i}.experts.{e}.{r}") for r in roles]
+            codes = np.stack([q.codes for q in qs], axis=1).reshape(-1, qs[0].codes.shape[1])
+            s = np.stack([q.scales for q in qs], axis=1).reshape(-1, qs[0].scales.shape[1])
+            z = np.stack([q.zeros for q in qs], axis=1).reshape(-1, qs[0].zeros.shape[1])
+            row_packed = onnx_pack.pack_low_first(codes, bits)
+            if packed is None:
+                packed = np.empty((len(experts), *row_packed.shape), np.uint8)
+                scales = np.empty((len(experts), *s.shape), np.float32)
+                zeros = np.empty((len(experts), *z.shape), np.uint8)
+            packed[e], scales[e], zeros[e] = row_packed, s, z
+            default &= bool(np.all(z == 1 << (bits - 1)))
+        role = "fc1" if len(roles) == 2 else "fc2"
+        prefix = f"layers.{i}.moe.{role}"
+        if group == -1:
+            scales, zeros = scales[..., 0], zeros[..., 0]  # column-wise: one scale per output row
+        zp = None if default else self.g.const(prefix + ".qzeros", onnx_pack.pack_low_first(zeros, bits))
+        return self.g.const(prefix + ".qweight", packed), self.g.const(prefix + ".scales", scales), zp
+
+    def _float_experts(self, i: int, experts) -> tuple[str, str]:
+        cfg = self.cfg
+        inter, h = cfg.moe.expert_intermediate_size, cfg.hidden_size
+        fc1 = np.empty((len(experts), 2 * inter, h), np.float32)
+        fc2 = np.empty((len(experts), h, inter), np.float32)
+        for e in experts:
+            p = f"layers.{i}.experts.{e}."
+            fc1[e] = np.stack([self.weights.get(p + "gate"), self.weights.get(p + "up")], axis=1).reshape(2 * inter, h)
+            fc2[e] = self.weights.get(p + "down")
+        return (self.g.const(f"layers.{i}.moe.fc1.weight", fc1), self.g.const(f"layers.{i}.moe.fc2.weight", fc2))
+
+    # --- head -----------------------------------------------------------------------------------------------
+
+    def lm_head_kind(self) -> str:
+        choice = self.opts.lm_head
+        source = "embed" if self.cfg.tie_word_embeddings else "lm_head"
+        carried = _qtensor_or_none(self.weights, source) if source == "lm_head" else None
+        if choice == "auto":
+            if carried is not None:
+                return "carried"
+            return "q8" if getattr(self.weights, "format", None) is not None else "float"
+        return choice
+
+    def lm_head(self, x: str, embed: str) -> str:
+        """[1, N, H] → [1, N, V]."""
+        cfg, kind = self.cfg, self.lm_head_kind()
+        source = "embed" if cfg.tie_word_embeddings else "lm_head"
+        if kind == "carried":
+            return self.linear(x, ["lm_head"], "lm_head")
+        if kind in ("q8", "q4"):
+            nb = onnx_pack.quantize_rtn(self.weights.get(source), 8 if kind == "q8" else 4)
+            return self._matmul_nbits(x, nb, "lm_head")
+        if cfg.tie_word_embeddings:  # float: Gemm with transB on the embedding table itself (stored once)
+            flat = self.g.one("Reshape", [x, self.g.shape_const([-1, cfg.hidden_size])])
+            logits = self.g.one("Gemm", [flat, embed], name="lm_head/Gemm", transB=1)
+            self.g.kinds["MatMul"] = self.g.kinds.get("MatMul", 0) + 1
+            return self.g.one("Reshape", [logits, self.g.shape_const([1, -1, cfg.vocab_size])])
+        q = _qtensor_or_none(self.weights, "lm_head")
+        return self._float_matmul(x, q.dequantize() if q is not None else self.weights.get("lm_head"), "lm_head")
+
+    # --- the whole decoder ----------------------------------------------------------------------------------
+
+    def build(self, max_len: int, on_step: Callable[[str], None] | None) -> None:
+        cfg, g = self.cfg, self.g
+        step = on_step or (lambda _: None)
+        cos, sin = rope_cos_sin(cfg, np.arange(max_len))
+        cos, sin = g.const("rotary.cos_cache", cos), g.const("rotary.sin_cache", sin)
+        embed = g.const("embed_tokens.weight", self.weights.get("embed"))
+        x = g.one("Gather", [embed, sc.INPUT_IDS], name="embed_tokens/Gather", axis=0)
+        step("embed")
+        residual, pending = x, None
+        eps = cfg.rms_norm_eps
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            attn_norm = g.const(p + "input_layernorm.weight", self.weights.get(p + "attn_norm"))
+            if pending is None:
+                normed = g.one("SimplifiedLayerNormalization", [residual, attn_norm],
+                               name=p + "input_layernorm/SimplifiedLayerNormalization", axis=-1, epsilon=eps)
+            else:
+                normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [pending, residual, attn_norm],
+                                                n_out=4, domain=MS, name=p + "input_layernorm/SkipLayerNorm",
+                                                epsilon=eps)
+            attn = self.attention(i, normed, cos, sin)
+            ffn_norm = g.const(p + "post_attention_layernorm.weight", self.weights.get(p + "ffn_norm"))
+            normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [attn, residual, ffn_norm], n_out=4,
+                                            domain=MS, name=p + "post_attention_layernorm/SkipLayerNorm", epsilon=eps)
+            pending = self.moe(i, normed) if cfg.moe else self.dense_mlp(i, normed)
+            step(f"layer {i}")
+        norm = g.const("norm.weight", self.weights.get("norm"))
+        normed = g.node("SkipSimplifiedLayerNormalization", [pending, residual, norm], n_out=4, domain=MS,
+                        name="norm/SkipLayerNorm", epsilon=eps)[0]
+        picked = g.one("Gather", [normed, sc.LOGITS_INDEX], name="logits_index/Gather", axis=1)
+        logits = self.lm_head(picked, embed)
+        g.node("Identity", [logits], outputs=[sc.LOGITS], name="logits/Identity")
+        step("lm_head")
+
+
+def _value_infos(cfg: ModelConfig) -> tuple[list, list]:
+    f, i32, i64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+    vi = helper.make_tensor_value_info
+    inputs = [vi(sc.INPUT_IDS, i64, [1, "sequence_length"]), vi(sc.LOGITS_INDEX, i64, ["num_logits"])]
+    outputs = [vi(sc.LOGITS, f, [1, "num_logits", cfg.vocab_size])]
+    for layer in range(cfg.num_layers):
+        for name in sc.past_names(layer):
+            inputs.append(vi(name, f, [1, cfg.num_kv_heads, "cache_length", cfg.head_dim]))
+        for name in sc.present_names(layer):
+            outputs.append(vi(name, f, [1, cfg.num_kv_heads, "cache_length", cfg.head_dim]))
+    inputs += [vi(sc.SEQLENS_K, i32, [1]), vi(sc.TOTAL_LENGTH, i32, [])]
+    return inputs, outputs
+
+
+def export_steps(cfg: ModelConfig) -> int:
+    """How many on_step calls export_onnx makes (for a progress bar): embed, each layer, lm_head."""
+    return cfg.num_layers + 2
+
+
+def _check_expressible(model) -> None:
+    cfg = model.config
+    if cfg.head_dim % 16:
+        raise KananaQuantError(f"{model.path}: head_dim {cfg.head_dim} is not a multiple of 16, which onnxruntime's "
+                               "GroupQueryAttention needs")
+    if cfg.moe and cfg.attention_bias:
+        raise KananaQuantError(f"{model.path}: attention bias in an MoE model is not supported by the ONNX export")
+
+
+def _sidecar(model, opts: _Options, report_kinds: dict, moe_op: str | None, lm_head: str, files: list[str]) -> dict:
+    cfg, tok = model.config, model.tokenizer
+    fmt = getattr(model.weights, "format", None)
+    eos = sorted(set(tok.eos_ids) | set(cfg.eos_token_ids))
+    return {
+        "model": {
+            "type": "llama" if not cfg.moe else cfg.family,
+            "bos_token_id": tok.bos_id if tok.bos_id is not None else cfg.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": eos[0] if eos else 0,
+            "context_length": cfg.max_position_embeddings,
+            "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "filename": sc.MODEL_FILE,
+                "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_heads,
+                "num_key_value_heads": cfg.num_kv_heads,
+                "head_size": cfg.head_dim,
+                "num_hidden_layers": cfg.num_layers,
+                "session_options": {"log_id": "kanana-quant", "provider_options": []},
+                "inputs": {"input_ids": sc.INPUT_IDS, "logits_index": sc.LOGITS_INDEX,
+                           "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value", "seqlens_k": sc.SEQLENS_K,
+                           "total_sequence_length": sc.TOTAL_LENGTH},
+                "outputs": {"logits": sc.LOGITS, "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"past_present_share_buffer": True, "max_length": cfg.max_position_embeddings,
+                   "do_sample": False},
+        "tokenizer": {"files": files, "chat_template": tok.chat_template},
+        "kanana_quant": {
+            "format": sc.FORMAT, "version": sc.FORMAT_VERSION, "kanana_quant_version": __version__,
+            "source": str(model.path), "accuracy_level": opts.accuracy_level, "lm_head": lm_head,
+            "quantization": fmt.to_hf() if fmt is not None else None, "ops": report_kinds, "moe_op": moe_op,
+            "notes": opts.notes,
+        },
+    }
+
+
+def _estimate_bytes(model, opts: _Options) -> int:
+    nbytes = getattr(model.weights, "nbytes", None)
+    base = nbytes() if callable(nbytes) else 0
+    fmt = getattr(model.weights, "format", None)
+    return int(base * (2.2 if fmt is None else 1.5)) + (1 << 20)  # float sources grow from bf16 to fp32
+
+
+def export_onnx(model, out_dir: str | Path, accuracy_level: int = 4, lm_head: str = "auto",
+                on_step: Callable[[str], None] | None = None, overwrite: bool = False) -> ExportReport:
+    """Write `model` (a LoadedModel) as an ONNX export directory; returns what was written.
+
+    accuracy_level: MatMulNBits / QMoE `accuracy_level` (0 = fp32 activations, exact to the numpy runtime;
+    4 = int8 activations, the fast CPU path). lm_head: auto (the checkpoint's codes when it quantized lm_head,
+    8-bit RTN for other quantized sources, float for float sources), float, q8 or q4.
+    """
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise KananaQuantError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
+    if lm_head not in LM_HEAD_CHOICES:
+        raise KananaQuantError(f"--lm-head {lm_head!r} is not known; choose one of: {', '.join(LM_HEAD_CHOICES)}")
+    _check_expressible(model)
+    out = Path(out_dir)
+    if out.suffix in (".onnx", ".gguf"):
+        raise KananaQuantError(f"{out}: the ONNX export is a directory (model.onnx, weights, tokenizer); "
+                               "pass a directory path")
+    cfg = model.config
+    opts = _Options(accuracy_level, lm_head)
+    ensure_free_space(out.parent if out.parent.exists() else Path("."), _estimate_bytes(model, opts),
+                      f"exporting {out.name}")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        graph = _Graph(tmp / sc.DATA_FILE)
+        exporter = _Exporter(model, graph, opts)
+        try:
+            exporter.build(cfg.max_position_embeddings, on_step)
+        finally:
+            graph.close()
+        inputs, outputs = _value_infos(cfg)
+        onnx_graph = helper.make_graph(graph.nodes, "kanana_decoder", inputs, outputs, graph.initializers)
+        proto = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                             helper.make_opsetid(MS, 1)],
+                                  producer_name="kanana-quant", producer_version=__version__)
+        proto.ir_version = 10
+        onnx.save_model(proto, str(tmp / sc.MODEL_FILE))
+        files = _write_side_files(model, tmp)
+        moe_op = next((k for k in ("QMoE", "MoE") if k in graph.kinds), None)
+        sidecar = _sidecar(model, opts, dict(graph.kinds), moe_op, exporter.lm_head_kind(), files)
+        (tmp / sc.SIDECAR).write_text(json.dumps(sidecar, indent=2, ensure_ascii=False), encoding="utf-8")
+        kinds = dict(graph.kinds)
+    for note in opts.notes:
+        log.warning("%s", note)
+    nbytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return ExportReport(out, nbytes, kinds, moe_op, sidecar["kanana_quant"]["lm_head"])
+
+
+def _write_side_files(model, tmp: Path) -> list[str]:
+    """config.json (without quantization_config: the export is its own format) and the tokenizer files."""
+    raw = dict(model.config.raw)
+    raw.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False), encoding="utf-8")
+    src = Path(model.path)
+    written = []
+    if src.is_dir():
+        for fname in sc.TOKENIZER_FILES:
+            if (src / fname).is_file():
+                shutil.copyfile(src / fname, tmp / fname)
+                written.append(fname)
+    if "tokenizer.json" not in written:  # a GGUF source: its tokenizer from the file's metadata
+        for fname, text in model.tokenizer.to_files().items():
+            (tmp / fname).write_text(text, encoding="utf-8")
+            written.append(fname)
+    return sorted(set(written))

@@ -1,0 +1,119 @@
+"""The onnxruntime engine: runs an ONNX export directory (`kanana-quant export onnx`) with the same
+Engine protocol as the numpy runtime (forward / pos / reset), so generate, chat and eval work unchanged.
+
+The KV cache is one preallocated buffer per layer that GroupQueryAttention reads and writes in place (past and
+present are bound to the same OrtValue through IO binding); `pos` only says how much of it is valid, so
+lowering it rewinds the cache for free. Prefill runs the whole chunk at once and asks for the logits of its
+last position only (the graph's `logits_index` input), unless every position's logits are wanted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from kanana_quant.config import load_config
+from kanana_quant.errors import KananaQuantError
+from kanana_quant.exporters import onnx_sidecar as sc
+
+MIN_CACHE = 256
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or 0  # 0 = onnxruntime's default (one per physical core)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxEngine:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, max_seq_len: int | None = None, threads: int | None = None):
+        path = Path(path)
+        if not sc.is_onnx_export(path):
+            raise KananaQuantError(f"{path}: not an ONNX export directory (no {sc.SIDECAR} / {sc.MODEL_FILE}); "
+                                   "make one with `kanana-quant export onnx`")
+        self.path = path
+        self.sidecar = sc.read_sidecar(path)
+        self.config = cfg = load_config(path)
+        context = int(self.sidecar["model"].get("context_length") or cfg.max_position_embeddings)
+        self.max_seq_len = min(max_seq_len or context, context)
+        if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            threads = int(os.environ["OMP_NUM_THREADS"])
+        try:
+            self.session = ort.InferenceSession(str(path / sc.MODEL_FILE), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+            raise KananaQuantError(f"{path / sc.MODEL_FILE}: onnxruntime cannot load it "
+                                   f"({str(e).splitlines()[0][:300]}); re-export with `kanana-quant export onnx`")
+        self._keys: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._ort_cache: list[tuple[ort.OrtValue, ort.OrtValue]] = []
+        self._capacity = 0
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def _ensure_cache(self, length: int) -> None:
+        if length > self.max_seq_len:
+            raise KananaQuantError(f"context of {length} tokens exceeds the model's {self.max_seq_len}; "
+                                   "shorten the prompt or --max-tokens")
+        if length <= self._capacity:
+            return
+        cfg = self.config
+        capacity = min(max(length, 2 * self._capacity, MIN_CACHE), self.max_seq_len)
+        shape = (1, cfg.num_kv_heads, capacity, cfg.head_dim)
+        keys, values, bound = [], [], []
+        for layer in range(cfg.num_layers):
+            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            if self._keys:  # keep what is cached: it is the prefix of the new buffer
+                k[:, :, :self._capacity] = self._keys[layer]
+                v[:, :, :self._capacity] = self._values[layer]
+            keys.append(k)
+            values.append(v)
+            # ortvalue_from_numpy wraps the array's memory; the arrays are kept alive in self._keys/_values.
+            bound.append((ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)))
+        self._keys, self._values, self._ort_cache, self._capacity = keys, values, bound, capacity
+
+    def forward(self, ids, all_logits: bool = False) -> np.ndarray:
+        """Run new tokens at positions pos.. and append them to the KV cache; logits of the last token, or of
+        every new token with all_logits."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        start, t = self.pos, ids.shape[1]
+        if t == 0:
+            raise KananaQuantError("forward needs at least one token")
+        self._ensure_cache(start + t)
+        io = self.session.io_binding()
+        io.bind_cpu_input(sc.INPUT_IDS, ids)
+        index = np.arange(t, dtype=np.int64) if all_logits else np.array([t - 1], np.int64)
+        io.bind_cpu_input(sc.LOGITS_INDEX, index)
+        io.bind_cpu_input(sc.SEQLENS_K, np.array([start + t - 1], np.int32))
+        io.bind_cpu_input(sc.TOTAL_LENGTH, np.array(start + t, np.int32))
+        for layer, (k, v) in enumerate(self._ort_cache):
+            past_k, past_v = sc.past_names(layer)
+            present_k, present_v = sc.present_names(layer)
+            io.bind_ortvalue_input(past_k, k)
+            io.bind_ortvalue_input(past_v, v)
+            io.bind_ortvalue_output(present_k, k)
+            io.bind_ortvalue_output(present_v, v)
+        logits = np.empty((1, len(index), self.config.vocab_size), np.float32)
+        io.bind_ortvalue_output(sc.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(io)
+        logits = logits[0]
+        self.pos = start + t
+        return logits if all_logits else logits[-1]
+
+    def prefill(self, ids) -> np.ndarray:
+        self.reset()
+        return self.forward(ids)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self.forward([token_id])
