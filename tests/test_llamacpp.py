@@ -120,3 +120,30 @@ def test_llamacpp_engine_rewinds_like_numpy(model_dirs, tmp_path):
     engine.pos = 8
     rewound = engine.forward(ids[8:12])
     assert np.max(np.abs(rewound - fresh)) <= 1e-5
+
+
+@pytest.mark.parametrize("file_type", ["Q8_0", "Q4_0"])
+def test_our_bytes_equal_llama_quantize(model_dirs, tmp_path, file_type):
+    """llama.cpp's own llama_model_quantize of our F32 file writes the same bytes as our direct export."""
+    import ctypes
+
+    import llama_cpp
+    from gguf import GGUFReader
+
+    model = open_model(str(model_dirs("dense-256")))
+    f32 = export_gguf(model, tmp_path / "f32.gguf", "F32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type}")
+    params.nthread = 1
+    theirs = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ours = export_gguf(model, tmp_path / "ours.gguf", file_type)
+    tensors = {t.name: t for t in GGUFReader(ours).tensors}
+    compared = 0
+    for t in GGUFReader(theirs).tensors:
+        mine = tensors[t.name]
+        assert mine.tensor_type == t.tensor_type, t.name
+        if t.tensor_type.name == file_type:
+            assert np.array_equal(np.asarray(mine.data), np.asarray(t.data)), t.name
+            compared += 1
+    assert compared >= 7 * model.config.num_layers
