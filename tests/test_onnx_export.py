@@ -176,7 +176,9 @@ def test_accuracy_level_4_and_quantized_lm_head(quantized, tmp_path):
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()  # int8 activations: close, not exact
     # q4 lm_head at accuracy 0 is exact to its own RTN codes
     export_onnx(model, tmp_path / "q4", accuracy_level=0, lm_head="q4")
-    oracle.lm_head = FloatLinear(onnx_pack.dequantize(onnx_pack.quantize_rtn(model.weights.get("embed"), 4)))
+    # tied: the embedding gathers the same 4-bit codes the lm_head multiplies by
+    oracle.embed = onnx_pack.dequantize(onnx_pack.quantize_rtn(model.weights.get("embed"), 4))
+    oracle.lm_head = FloatLinear(oracle.embed)
     oracle.reset()
     assert _logits_diff(OnnxEngine(tmp_path / "q4", threads=1), oracle) <= TOL
 

@@ -284,12 +284,32 @@ class _Exporter:
             return "q8" if getattr(self.weights, "format", None) is not None else "float"
         return choice
 
-    def lm_head(self, x: str, embed: str) -> str:
+    def embedding(self) -> tuple[str | onnx_pack.NBits, str]:
+        """(the table the lm_head may share, token embeddings [1, S, H]). A tied model with a q8/q4 lm_head
+        gathers from the lm_head's own codes (GatherBlockQuantized on the same initializer, stored once)."""
+        cfg, g = self.cfg, self.g
+        if cfg.tie_word_embeddings and self.lm_head_kind() in ("q8", "q4"):
+            nb = onnx_pack.quantize_rtn(self.weights.get("embed"), 8 if self.lm_head_kind() == "q8" else 4)
+            if nb.zeros is None:
+                codes = g.const("lm_head.qweight", nb.packed)
+                rows = g.one("GatherBlockQuantized", [codes, sc.INPUT_IDS, g.const("embed_tokens.scales",
+                             nb.scales[..., None])], domain=MS, name="embed_tokens/GatherBlockQuantized",
+                             bits=nb.bits, block_size=nb.block, quantize_axis=2, gather_axis=0)
+                return nb, g.one("Reshape", [rows, g.shape_const([1, -1, cfg.hidden_size])])
+        embed = g.const("embed_tokens.weight", self.weights.get("embed"))
+        return embed, g.one("Gather", [embed, sc.INPUT_IDS], name="embed_tokens/Gather", axis=0)
+
+    def lm_head(self, x: str, embed) -> str:
         """[1, N, H] → [1, N, V]."""
         cfg, kind = self.cfg, self.lm_head_kind()
         source = "embed" if cfg.tie_word_embeddings else "lm_head"
         if kind == "carried":
             return self.linear(x, ["lm_head"], "lm_head")
+        if isinstance(embed, onnx_pack.NBits):  # tied, quantized: the codes the embedding gathers from
+            self.g.kinds["MatMulNBits"] = self.g.kinds.get("MatMulNBits", 0) + 1
+            return self.g.one("MatMulNBits", [x, "lm_head.qweight", self.g.const("lm_head.scales", embed.scales)],
+                              domain=MS, name="lm_head/MatMulNBits", K=cfg.hidden_size, N=cfg.vocab_size,
+                              bits=embed.bits, block_size=embed.block, accuracy_level=self.opts.accuracy_level)
         if kind in ("q8", "q4"):
             nb = onnx_pack.quantize_rtn(self.weights.get(source), 8 if kind == "q8" else 4)
             return self._matmul_nbits(x, nb, "lm_head")
@@ -308,8 +328,7 @@ class _Exporter:
         step = on_step or (lambda _: None)
         cos, sin = rope_cos_sin(cfg, np.arange(max_len))
         cos, sin = g.const("rotary.cos_cache", cos), g.const("rotary.sin_cache", sin)
-        embed = g.const("embed_tokens.weight", self.weights.get("embed"))
-        x = g.one("Gather", [embed, sc.INPUT_IDS], name="embed_tokens/Gather", axis=0)
+        embed, x = self.embedding()
         step("embed")
         residual, pending = x, None
         eps = cfg.rms_norm_eps

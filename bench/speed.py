@@ -1,0 +1,219 @@
+"""CPU speed of one 4-bit model in three runtimes, in one run on one machine: the numpy runtime, onnxruntime
+(our ONNX export) and llama.cpp (llama-cpp-python on a Q4_0 GGUF of the same checkpoint, whose codes the GGUF
+carries exactly), all with the same thread count.
+
+    python bench/speed.py [--presets kanana-1.5-2.1b,kanana-1.5-15.7b-a3b] [--threads 2] [--work DIR]
+                          [--engines numpy,onnxruntime,llama.cpp] [--numpy-decode 8] [--numpy-prefill 64]
+
+Per preset: the float model is synthesised (random weights, bf16) into --work if missing, quantized with RTN
+4-bit group 32 symmetric (Q4_0's grid), exported to ONNX (peak RSS of the export measured) and to a Q4_0 GGUF.
+Each engine then runs in its own child process: decode tokens/s = 128 single-token steps after a 32-token
+prompt, prefill tokens/s = one 512-token prompt; peak RSS is the child's. The numpy runtime dequantizes every
+weight on every step, so it runs fewer steps (--numpy-decode / --numpy-prefill; labelled in the results).
+The memory-bandwidth bound is measured read bandwidth / bytes of weights one decode step must read (all
+linears and the lm_head; for MoE the router-selected top-k share of the experts; not the embedding table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import save  # noqa: E402
+
+PROMPT, DECODE, PREFILL = 32, 128, 512
+
+
+def sh(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Run a child; (wall seconds, peak RSS GiB)."""
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise SystemExit(f"failed ({status}): {' '.join(cmd)}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 2**20
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "kanana_quant.cli", *map(str, args)]
+
+
+def dir_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Child: one engine, timed
+
+
+def child(engine: str, path: str, threads: int, decode: int, prefill: int, vocab: int) -> None:
+    import numpy as np
+
+    t0 = time.perf_counter()
+    if engine == "numpy":
+        from kanana_quant.loader import open_model
+        from kanana_quant.runtimes.numpy_engine import NumpyEngine
+
+        runtime = NumpyEngine(open_model(path).weights, max_seq_len=1024)
+    elif engine == "onnxruntime":
+        from kanana_quant.runtimes.onnx_engine import OnnxEngine
+
+        runtime = OnnxEngine(Path(path), max_seq_len=1024, threads=threads)
+    else:
+        from kanana_quant.loader import open_checkpoint
+        from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
+
+        runtime = LlamaCppEngine(Path(path), open_checkpoint(Path(path)).config, max_seq_len=1024, threads=threads)
+    load = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, min(vocab, 128000), PROMPT + decode).tolist()
+    runtime.reset()
+    runtime.forward(ids[:PROMPT])
+    runtime.forward(ids[PROMPT:PROMPT + 2])  # warm-up: first-call allocations and prepacking
+    runtime.pos = PROMPT
+    t0 = time.perf_counter()
+    for token in ids[PROMPT:PROMPT + decode]:
+        runtime.forward([token])
+    decode_s = time.perf_counter() - t0
+    long = rng.integers(0, min(vocab, 128000), prefill).tolist()
+    runtime.reset()
+    t0 = time.perf_counter()
+    runtime.forward(long)
+    prefill_s = time.perf_counter() - t0
+    print(json.dumps({"load_s": load, "decode_tokens": decode, "decode_tok_s": decode / decode_s,
+                      "prefill_tokens": prefill, "prefill_tok_s": prefill / prefill_s,
+                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def run_engine(engine: str, path: Path, threads: int, decode: int, prefill: int, vocab: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "OPENBLAS_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, __file__, "--child", engine, str(path), str(threads), str(decode),
+                          str(prefill), str(vocab)], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{engine} child failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Machine and model facts
+
+
+def read_bandwidth_gbs(threads: int, gib: float = 1.0) -> float:
+    """Best of 3 sums over a 1 GiB array split across `threads` Python threads (numpy releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    a = np.ones(int(gib * 2**30) // 8, np.float64)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(3):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def decode_bytes(onnx_dir: Path) -> int:
+    """Bytes of weights one decode step reads in the ONNX export (embedding table and rotary caches excluded;
+    MoE experts counted at their top-k share)."""
+    import onnx
+
+    from kanana_quant.config import load_config
+
+    cfg = load_config(onnx_dir)
+    model = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    share = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe else 1.0
+    total = 0
+    for t in model.graph.initializer:
+        if t.name.startswith(("embed_tokens", "rotary.")):
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        size = int(ext["length"]) if "length" in ext else len(t.raw_data)
+        total += size * (share if ".moe.fc" in t.name else 1.0)
+    return int(total)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preparing one preset
+
+
+def prepare(preset: str, work: Path, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    src, q4 = work / preset, work / f"{preset}-rtn4-g32"
+    onnx_dir, gguf = work / f"{preset}-rtn4-g32-onnx", work / f"{preset}-rtn4-g32-Q4_0.gguf"
+    facts: dict = {}
+    if not src.exists():
+        sh(cli("synth", "--preset", preset, "-o", src), env)
+    if not q4.exists():
+        sh(cli("quantize", src, "-o", q4, "--method", "rtn", "--bits", 4, "--group-size", 32, "--sym",
+               "--samples", 1, "--seq-len", 16), env)
+    if not onnx_dir.exists():
+        seconds, rss = sh(cli("export", "onnx", q4, "-o", onnx_dir), env)
+        facts["onnx_export"] = {"seconds": round(seconds, 1), "peak_rss_gib": round(rss, 2),
+                                "float_model_gib": round(dir_bytes(src) / 2**30, 2),
+                                "float32_model_gib": round(dir_bytes(src) / 2**30 * 2, 2)}
+    if not gguf.exists():
+        sh(cli("export", "gguf", q4, "-o", gguf, "--type", "Q4_0"), env)
+    facts["files_gib"] = {"quantized_checkpoint": round(dir_bytes(q4) / 2**30, 3),
+                          "onnx": round(dir_bytes(onnx_dir) / 2**30, 3), "gguf_q4_0": round(dir_bytes(gguf) / 2**30, 3)}
+    facts["paths"] = {"numpy": q4, "onnxruntime": onnx_dir, "llama.cpp": gguf}
+    return facts
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        engine, path, threads, decode, prefill, vocab = sys.argv[2:8]
+        return child(engine, path, int(threads), int(decode), int(prefill), int(vocab))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="kanana-1.5-2.1b")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("/work/scratch"))
+    ap.add_argument("--engines", default="numpy,onnxruntime,llama.cpp")
+    ap.add_argument("--numpy-decode", type=int, default=8)
+    ap.add_argument("--numpy-prefill", type=int, default=64)
+    args = ap.parse_args()
+    from kanana_quant.config import ModelConfig
+
+    bandwidth = read_bandwidth_gbs(args.threads)
+    results = {"threads": args.threads, "read_bandwidth_gbs": round(bandwidth, 2),
+               "protocol": f"decode: {DECODE} single-token steps after a {PROMPT}-token prompt; prefill: one "
+                           f"{PREFILL}-token prompt; random token ids; each engine in its own process",
+               "models": {}}
+    for preset in args.presets.split(","):
+        cfg = ModelConfig.preset(preset)
+        facts = prepare(preset, args.work, args.threads)
+        paths = facts.pop("paths")
+        per_token = decode_bytes(paths["onnxruntime"])
+        entry = {**facts, "decode_bytes_per_token_gib": round(per_token / 2**30, 3),
+                 "decode_bound_tok_s": round(bandwidth * 1e9 / per_token, 2), "engines": {}}
+        for engine in args.engines.split(","):
+            decode, prefill = (args.numpy_decode, args.numpy_prefill) if engine == "numpy" else (DECODE, PREFILL)
+            r = run_engine(engine, paths[engine], args.threads, decode, prefill, cfg.vocab_size)
+            file_gib = entry["files_gib"][{"numpy": "quantized_checkpoint", "onnxruntime": "onnx",
+                                           "llama.cpp": "gguf_q4_0"}[engine]]
+            r["rss_over_file"] = round(r["peak_rss_gib"] / file_gib, 2)
+            entry["engines"][engine] = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+            print(preset, engine, entry["engines"][engine], flush=True)
+        ref = entry["engines"].get("llama.cpp")
+        if ref:
+            for name, r in entry["engines"].items():
+                r["decode_vs_llama_cpp"] = round(r["decode_tok_s"] / ref["decode_tok_s"], 3)
+                r["prefill_vs_llama_cpp"] = round(r["prefill_tok_s"] / ref["prefill_tok_s"], 3)
+        results["models"][preset] = entry
+    print(json.dumps(results, indent=2))
+    print("saved", save("speed", results))
+
+
+if __name__ == "__main__":
+    main()
