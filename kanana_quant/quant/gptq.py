@@ -109,7 +109,10 @@ class GPTQ:
         W[:, dead] = 0
 
         if grid is not None:
-            return self._on_grid(W, H, grid(W, importance), blocksize, percdamp, act_order)
+            fixed = grid(W, importance)
+            perm, W, U = _ordered(W, H, act_order, percdamp)
+            del H  # a [cols, cols] float32 copy: 0.8 GB for an 8B model's down projection
+            return _on_grid(perm, W, U, fixed, blocksize)
         scales = torch.zeros(self.rows, n_groups, dtype=torch.float32, device=dev)
         zeros = torch.zeros_like(scales)
         # Act-order visits groups out of order, so it can only keep contiguous groups if they are fitted first.
@@ -123,67 +126,73 @@ class GPTQ:
             for g in range(n_groups):
                 fit(g, W[:, g * width:(g + 1) * width])
 
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols, device=dev)
-        W, H = W[:, perm], H[perm][:, perm]
-        group_of = (perm // width).tolist()
-        U = _hinv_cholesky(H, percdamp)
+        perm, W, U = _ordered(W, H, act_order, percdamp)
         del H
+        group_of = (perm // width).tolist()
 
-        codes = torch.zeros_like(W)
-        loss = torch.zeros((), dtype=torch.float64, device=dev)
-        for i1 in range(0, cols, blocksize):
-            i2 = min(i1 + blocksize, cols)
-            W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-            Err1 = torch.zeros_like(W1)
-            for i in range(i2 - i1):
-                c, g = i1 + i, group_of[i1 + i]
-                if not static and c % width == 0:
-                    # Fit on the fully updated weights: the part of the group past this block has not yet
-                    # received this block's lazy update (the reference fits on stale columns there).
-                    end = c + width
-                    part = [W1[:, i:min(end, i2) - i1]]
-                    if end > i2:
-                        part.append(W[:, i2:end] - Err1[:, :i] @ U[i1:c, i2:end])
-                    fit(g, torch.cat(part, 1))
-                w, d = W1[:, i], U1[i, i]
-                s, z = scales[:, g], zeros[:, g]
-                q = quantize(w.unsqueeze(1), s.unsqueeze(1), z.unsqueeze(1), maxq).squeeze(1)
-                codes[:, c] = q
-                err = (w - s * (q - z)) / d
-                loss += (err.double() ** 2).sum() / 2
-                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            # Lazy batch update: the block's accumulated errors hit the remaining columns in one matmul.
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        def column(c: int, w: torch.Tensor, pending: Callable[[int], torch.Tensor]):
+            g = group_of[c]
+            if not static and c % width == 0:
+                fit(g, pending(c + width))  # on the fully updated weights of the whole group
+            s, z = scales[:, g], zeros[:, g]
+            q = quantize(w.unsqueeze(1), s.unsqueeze(1), z.unsqueeze(1), maxq).squeeze(1)
+            return q, s * (q - z)
 
+        codes, loss = _sweep(W, U, blocksize, column)
         codes = codes[:, torch.argsort(perm)]
         weight = scales.repeat_interleave(width, 1) * (codes - zeros.repeat_interleave(width, 1))
-        return GPTQResult(codes.to(torch.uint8), scales, zeros, weight, float(loss))
+        return GPTQResult(codes.to(torch.uint8), scales, zeros, weight, loss)
 
-    def _on_grid(self, W: torch.Tensor, H: torch.Tensor, grid: ColumnGrid, blocksize: int, percdamp: float,
-                 act_order: bool) -> GPTQResult:
-        cols, dev = self.columns, W.device
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols, device=dev)
-        W, H = W[:, perm], H[perm][:, perm]
-        S, Z = grid.scale[:, perm], grid.zero[:, perm]
-        U = _hinv_cholesky(H, percdamp)
-        del H
-        codes = torch.zeros_like(W)
-        loss = torch.zeros((), dtype=torch.float64, device=dev)
-        for i1 in range(0, cols, blocksize):
-            i2 = min(i1 + blocksize, cols)
-            W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-            Err1 = torch.zeros_like(W1)
-            for i in range(i2 - i1):
-                w, d, s, z = W1[:, i], U1[i, i], S[:, i1 + i], Z[:, i1 + i]
-                q = torch.clamp(torch.round(w / s + z), 0, grid.maxq)
-                codes[:, i1 + i] = q
-                err = (w - s * (q - z)) / d
-                loss += (err.double() ** 2).sum() / 2
-                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-        weight = grid.scale * (codes - grid.zero)
-        return GPTQResult(codes.to(torch.uint8), grid.scale, grid.zero, weight, float(loss))
+def _on_grid(perm: torch.Tensor, W: torch.Tensor, U: torch.Tensor, grid: ColumnGrid, blocksize: int) -> GPTQResult:
+    S, Z = grid.scale[:, perm], grid.zero[:, perm]
+
+    def column(c: int, w: torch.Tensor, _pending):
+        s, z = S[:, c], Z[:, c]
+        q = torch.clamp(torch.round(w / s + z), 0, grid.maxq)  # zero may be fractional: round after adding
+        return q, s * (q - z)
+
+    codes, loss = _sweep(W, U, blocksize, column)
+    codes = codes[:, torch.argsort(perm)]
+    return GPTQResult(codes.to(torch.uint8), grid.scale, grid.zero, grid.scale * (codes - grid.zero), loss)
+
+
+def _ordered(W: torch.Tensor, H: torch.Tensor, act_order: bool, percdamp: float):
+    """(perm, W[:, perm], upper Cholesky factor of the permuted (H + damp)⁻¹): act-order visits columns by
+    descending diag(H)."""
+    cols = W.shape[1]
+    perm = (torch.argsort(torch.diag(H), descending=True, stable=True) if act_order
+            else torch.arange(cols, device=W.device))
+    return perm, W[:, perm], _hinv_cholesky(H[perm][:, perm], percdamp)
+
+
+def _sweep(W: torch.Tensor, U: torch.Tensor, blocksize: int, column) -> tuple[torch.Tensor, float]:
+    """GPTQ's column sweep over W (in visiting order, updated in place): column(c, w, pending) returns the
+    codes and dequantized values of column c; pending(end) gives columns c..end with every update so far
+    (for grids fitted lazily). Returns (codes, Σ err² / d² / 2)."""
+    cols = W.shape[1]
+    codes = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            c = i1 + i
+
+            def pending(end: int, i: int = i, c: int = c) -> torch.Tensor:
+                # the part of the group past this block has not yet received this block's lazy update
+                part = [W1[:, i:min(end, i2) - i1]]
+                if end > i2:
+                    part.append(W[:, i2:end] - Err1[:, :i] @ U[i1:c, i2:end])
+                return torch.cat(part, 1)
+
+            w, d = W1[:, i], U1[i, i]
+            q, dequantized = column(c, w, pending)
+            codes[:, c] = q
+            err = (w - dequantized) / d
+            loss += (err.double() ** 2).sum() / 2
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        # Lazy batch update: the block's accumulated errors hit the remaining columns in one matmul.
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return codes, float(loss)
