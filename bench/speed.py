@@ -6,7 +6,8 @@ carries exactly), all with the same thread count.
                           [--engines numpy,onnxruntime,llama.cpp] [--numpy-decode 8] [--numpy-prefill 64]
 
 Per preset: the float model is synthesised (random weights, bf16) into --work if missing, quantized with RTN
-4-bit group 32 symmetric (Q4_0's grid), exported to ONNX (peak RSS of the export measured) and to a Q4_0 GGUF.
+4-bit group 32 (symmetric = Q4_0's grid by default; --grid asym), exported to ONNX (peak RSS of the export
+measured) and to a Q4_0 GGUF.
 Each engine then runs in its own child process: decode tokens/s = 128 single-token steps after a 32-token
 prompt, prefill tokens/s = one 512-token prompt; peak RSS is the child's. The numpy runtime dequantizes every
 weight on every step, so it runs fewer steps (--numpy-decode / --numpy-prefill; labelled in the results).
@@ -148,15 +149,16 @@ def decode_bytes(onnx_dir: Path) -> int:
 # Preparing one preset
 
 
-def prepare(preset: str, work: Path, threads: int) -> dict:
+def prepare(preset: str, work: Path, threads: int, grid: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    src, q4 = work / preset, work / f"{preset}-rtn4-g32"
-    onnx_dir, gguf = work / f"{preset}-rtn4-g32-onnx", work / f"{preset}-rtn4-g32-Q4_0.gguf"
+    stem = f"{preset}-rtn4-g32" + ("" if grid == "sym" else "-asym")
+    src, q4 = work / preset, work / stem
+    onnx_dir, gguf = work / f"{stem}-onnx", work / f"{stem}-Q4_0.gguf"
     facts: dict = {}
     if not src.exists():
         sh(cli("synth", "--preset", preset, "-o", src), env)
     if not q4.exists():
-        sh(cli("quantize", src, "-o", q4, "--method", "rtn", "--bits", 4, "--group-size", 32, "--sym",
+        sh(cli("quantize", src, "-o", q4, "--method", "rtn", "--bits", 4, "--group-size", 32, f"--{grid}",
                "--samples", 1, "--seq-len", 16), env)
     if not onnx_dir.exists():
         seconds, rss = sh(cli("export", "onnx", q4, "-o", onnx_dir), env)
@@ -167,6 +169,7 @@ def prepare(preset: str, work: Path, threads: int) -> dict:
         sh(cli("export", "gguf", q4, "-o", gguf, "--type", "Q4_0"), env)
     facts["files_gib"] = {"quantized_checkpoint": round(dir_bytes(q4) / 2**30, 3),
                           "onnx": round(dir_bytes(onnx_dir) / 2**30, 3), "gguf_q4_0": round(dir_bytes(gguf) / 2**30, 3)}
+    facts["grid"] = f"RTN 4-bit group 32 {grid}"
     facts["paths"] = {"numpy": q4, "onnxruntime": onnx_dir, "llama.cpp": gguf}
     return facts
 
@@ -182,6 +185,9 @@ def main() -> None:
     ap.add_argument("--engines", default="numpy,onnxruntime,llama.cpp")
     ap.add_argument("--numpy-decode", type=int, default=8)
     ap.add_argument("--numpy-prefill", type=int, default=64)
+    ap.add_argument("--grid", default="sym", choices=("sym", "asym"),
+                    help="RTN grid: sym is Q4_0's own grid (the GGUF carries the codes exactly); asym skips RTN's "
+                         "clipping search, so a 15.7B MoE quantizes in minutes (its GGUF is re-rounded to Q4_0)")
     args = ap.parse_args()
     from kanana_quant.config import ModelConfig
 
@@ -192,7 +198,7 @@ def main() -> None:
                "models": {}}
     for preset in args.presets.split(","):
         cfg = ModelConfig.preset(preset)
-        facts = prepare(preset, args.work, args.threads)
+        facts = prepare(preset, args.work, args.threads, args.grid)
         paths = facts.pop("paths")
         per_token = decode_bytes(paths["onnxruntime"])
         entry = {**facts, "decode_bytes_per_token_gib": round(per_token / 2**30, 3),

@@ -26,6 +26,7 @@ from onnx import TensorProto, helper
 
 from kanana_quant import __version__
 from kanana_quant.atomic import atomic_dir, ensure_free_space
+from kanana_quant.checkpoint import HFCheckpoint
 from kanana_quant.config import ModelConfig
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.exporters import onnx_pack
@@ -323,6 +324,12 @@ class _Exporter:
 
     # --- the whole decoder ----------------------------------------------------------------------------------
 
+    def _release(self) -> None:
+        """Unmap the source's files after a layer, so the pages it read leave this process's resident set
+        (safetensors checkpoints reopen their mmap on the next read; GGUF sources stay open)."""
+        if isinstance(self.weights, HFCheckpoint):
+            self.weights.close()
+
     def build(self, max_len: int, on_step: Callable[[str], None] | None) -> None:
         cfg, g = self.cfg, self.g
         step = on_step or (lambda _: None)
@@ -347,6 +354,7 @@ class _Exporter:
             normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [attn, residual, ffn_norm], n_out=4,
                                             domain=MS, name=p + "post_attention_layernorm/SkipLayerNorm", epsilon=eps)
             pending = self.moe(i, normed) if cfg.moe else self.dense_mlp(i, normed)
+            self._release()
             step(f"layer {i}")
         norm = g.const("norm.weight", self.weights.get("norm"))
         normed = g.node("SkipSimplifiedLayerNormalization", [pending, residual, norm], n_out=4, domain=MS,
