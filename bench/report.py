@@ -1,0 +1,201 @@
+"""BENCHMARKS.md from the bench JSON results, with PNG plots.
+
+    python bench/report.py            # collect bench/results/*.json as they are
+    python bench/report.py --run      # first re-run quality.py, gguf_quality.py and speed.py (hours on 2 cores)
+
+Every table and figure is generated from bench/results/*.json, so the numbers in BENCHMARKS.md are the JSON's;
+each figure names the machine, the date and the command that produced its data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+FIGURES = ROOT / "bench" / "figures"
+OUT = ROOT / "BENCHMARKS.md"
+SCRIPTS = ("quality.py", "gguf_quality.py", "speed.py")
+SMOLLM2_WEIGHTS = 134_515_008  # SmolLM2-135M parameters: bits per weight of a GGUF = 8 · bytes / this
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def provenance(result: dict) -> str:
+    m = result.get("machine", {})
+    return (f"{m.get('date', '?')}, {m.get('cores', '?')}-core {m.get('cpu', '?')}, "
+            f"`python bench/{m.get('command', '?')}`")
+
+
+def _figure(name: str, results: list[dict], draw) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = draw(plt)
+    for k, result in enumerate(reversed(results)):
+        m = result.get("machine", {})
+        fig.text(0.01, 0.01 + 0.03 * k, f"{m.get('date', '?')} · {m.get('cores', '?')}-core {m.get('cpu', '?')} · "
+                                        f"python bench/{m.get('command', '?')}", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.04 * len(results), 1, 1))
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    path = FIGURES / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![{name}](bench/figures/{name}.png)"
+
+
+def quality_section(q: dict, g: dict | None) -> list[str]:
+    rows = q["rows"]
+    float_row = next(r for r in rows if r["bits"] == 16)
+    lines = ["## Perplexity vs bits per weight (SmolLM2-135M-Instruct)", "",
+             f"Data: {provenance(q)}. {q['windows']} windows × {q['ctx']} tokens of held-out English and "
+             f"Korean; calibration {q['calibration']}. The float model is SmolLM2's Q4_1 GGUF dequantized "
+             "(its weights sit on a Q4_1 group-32 grid, which flatters block-32 rules); groups are 64 because "
+             "128 does not divide its 576-wide rows.", "",
+             "| method | grid | bpw | PPL en | ΔPPL en (× RTN) | PPL ko | ΔPPL ko (× RTN) |", "|---|---|---|---|---|---|---|"]
+    rtn = {}
+    for r in rows:
+        if r["bits"] == 16:
+            lines.append(f"| float | – | 16 | {r['en']:.2f} | – | {r['ko']:.3f} | – |")
+            continue
+        key = r["grid"]
+        d_en, d_ko = r["en"] - float_row["en"], r["ko"] - float_row["ko"]
+        if r["method"] == "rtn":
+            rtn[key] = (d_en, d_ko)
+        base = rtn.get(key, (d_en, d_ko))
+        lines.append(f"| {r['method']} | {key} | {r['bpw']:.4g} | {r['en']:.2f} | {d_en:.2f} ({d_en / base[0]:.2f}) "
+                     f"| {r['ko']:.3f} | {d_ko:.3f} ({d_ko / base[1]:.2f}) |")
+    lines.append("")
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, lang in zip(axes, ("en", "ko")):
+            methods = sorted({r["method"] for r in rows if r["bits"] != 16})
+            for method in methods:
+                pts = sorted((r["bpw"], r[lang]) for r in rows if r["method"] == method)
+                ax.plot(*zip(*pts), "o", label=method)
+            if g:
+                for method in sorted({r["method"] for r in g["rows"] if r["method"] != "float"}):
+                    pts = sorted((8 * r["bytes"] / SMOLLM2_WEIGHTS, r[lang]) for r in g["rows"] if r["method"] == method)
+                    ax.plot(*zip(*pts), "s", mfc="none", label=f"GGUF {method} (bpw of the whole file)")
+            ax.axhline(float_row[lang], color="0.5", ls="--", label="float")
+            ax.set_xlabel("bits per weight")
+            ax.set_ylabel(f"perplexity ({'English' if lang == 'en' else 'Korean'})")
+            ax.set_yscale("log")
+        axes[0].legend(fontsize=7)
+        fig.suptitle("SmolLM2-135M-Instruct: perplexity vs bits per weight")
+        return fig, axes
+
+    lines += [_figure("ppl_vs_bpw", [q] + ([g] if g else []), draw), ""]
+    return lines
+
+
+def gguf_section(g: dict) -> list[str]:
+    lines = ["## GGUF in llama.cpp: our exports vs llama.cpp's own quantizer", "",
+             f"Data: {provenance(g)}. Perplexity from llama.cpp's logits (llama-cpp-python) on "
+             f"{g['windows']} windows × {g['ctx']} tokens; `llama.cpp` = `llama_model_quantize` of our F16 "
+             "GGUF without an imatrix; `ours rtn` = `kanana-quant export gguf`; `ours gptq` = "
+             "`kanana-quant quantize --format gguf` (GPTQ on each tensor's GGUF grid). The bpw column counts "
+             "every tensor in the file (embeddings included).", "",
+             "| type | method | MB | bpw | PPL en | ΔPPL en (× llama.cpp) | PPL ko | ΔPPL ko (× llama.cpp) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in g["rows"]:
+        bpw = 8 * r["bytes"] / SMOLLM2_WEIGHTS
+        if r["method"] == "float":
+            lines.append(f"| F16 | float | {r['bytes'] / 1e6:.2f} | {bpw:.2f} | {r['en']:.3f} | – | {r['ko']:.4f} | – |")
+            continue
+        lines.append(f"| {r['type']} | {r['method']} | {r['bytes'] / 1e6:.2f} | {bpw:.2f} | {r['en']:.3f} | "
+                     f"{r['dppl_en']:.3f} ({r['x_llamacpp_en']:.2f}) | {r['ko']:.4f} | "
+                     f"{r['dppl_ko']:.4f} ({r['x_llamacpp_ko']:.2f}) |")
+    return lines + [""]
+
+
+def speed_section(s: dict) -> list[str]:
+    rows = s.get("rows", [])
+    lines = ["## Speed: decode and prefill per engine", "", f"Data: {provenance(s)}.", ""]
+    keys = [k for k in ("model", "engine", "threads", "decode_tok_s", "prefill_tok_s", "decode_x_llamacpp",
+                        "prefill_x_llamacpp", "peak_rss_gb", "file_gb", "bandwidth_bound_tok_s") if rows and k in rows[0]]
+    if keys:
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for r in rows:
+            lines.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+        lines.append("")
+    if rows and {"model", "engine", "decode_tok_s"} <= set(rows[0]):
+        def draw(plt):
+            models = list(dict.fromkeys(r["model"] for r in rows))
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+            for ax, metric in zip(axes, ("decode_tok_s", "prefill_tok_s")):
+                engines = list(dict.fromkeys(r["engine"] for r in rows))
+                width = 0.8 / max(len(engines), 1)
+                for j, engine in enumerate(engines):
+                    vals = [next((r.get(metric, 0) for r in rows if r["model"] == m and r["engine"] == engine), 0)
+                            for m in models]
+                    ax.bar([i + j * width for i in range(len(models))], vals, width, label=engine)
+                if metric == "decode_tok_s":
+                    for i, m in enumerate(models):
+                        bound = next((r.get("bandwidth_bound_tok_s") for r in rows if r["model"] == m
+                                      and r.get("bandwidth_bound_tok_s")), None)
+                        if bound:
+                            ax.hlines(bound, i - width / 2, i + width * len(engines), colors="k", linestyles=":",
+                                      label="memory-bandwidth bound" if i == 0 else None)
+                ax.set_xticks([i + width * (len(engines) - 1) / 2 for i in range(len(models))], models, fontsize=7)
+                ax.set_ylabel(metric.replace("_tok_s", " tokens/s"))
+                ax.legend(fontsize=7)
+            fig.suptitle("Decode and prefill tokens/s per engine")
+            return fig, axes
+
+        lines += [_figure("speed", [s], draw), ""]
+    return lines
+
+
+def cost_section(c: dict) -> list[str]:
+    lines = ["## Cost of quantizing full-size Kanana shapes", "", f"Data: {provenance(c)}.", "",
+             "| preset | method | grid | calibration | layers run | s/layer | extrapolated total s | peak RSS GiB | source GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in c["rows"]:
+        lines.append(f"| {r['preset']} | {r['method']} | {r['grid']} | {r['calibration']} | {r['layers_quantized']}"
+                     f"/{r['layers_total']} | {r['mean_layer_seconds']:.0f} | {r['extrapolated_total_seconds']:.0f} "
+                     f"| {r['peak_rss_gib']} | {r['source_gb']} |")
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", action="store_true", help="re-run the benchmarks first")
+    args = ap.parse_args()
+    if args.run:
+        for script in SCRIPTS:
+            subprocess.run([sys.executable, str(ROOT / "bench" / script)], check=True)
+    quality, gguf_quality, speed, cost = (load(n) for n in ("quality", "gguf_quality", "speed", "quant_cost"))
+    lines = ["# Benchmarks", "",
+             "Generated by `python bench/report.py` from `bench/results/*.json`; do not edit by hand. "
+             "Each section names the machine, the date and the command behind its numbers.", ""]
+    if quality:
+        lines += quality_section(quality, gguf_quality)
+    if gguf_quality:
+        lines += gguf_section(gguf_quality)
+    if speed:
+        lines += speed_section(speed)
+    if cost:
+        lines += cost_section(cost)
+    missing = [n for n, r in zip(("quality", "gguf_quality", "speed", "quant_cost"),
+                                 (quality, gguf_quality, speed, cost)) if r is None]
+    if missing:
+        lines += [f"Not yet measured: {', '.join(missing)} (no bench/results/<name>.json).", ""]
+    tmp = OUT.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(OUT)
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
