@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import save  # noqa: E402
+from common import RESULTS, save  # noqa: E402
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
@@ -104,9 +104,19 @@ def main() -> None:
             row["extrapolated_total_seconds"] = round(row["mean_layer_seconds"] * n_layers)
         else:
             row["quantized_gb"] = round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9, 2)
+        row["command"] = " ".join(["quant_cost.py", *sys.argv[1:]])
+        row["date"] = time.strftime("%Y-%m-%d")
         rows.append(row)
         print(row, flush=True)
-    print(f"wrote {save('quant_cost', {'rows': rows})}")
+    print(f"wrote {save('quant_cost', {'rows': merged(rows)})}")
+
+
+def merged(rows: list[dict]) -> list[dict]:
+    """Earlier results for other presets/methods stay: each run measures only the presets it was given."""
+    previous = RESULTS / "quant_cost.json"
+    old = json.loads(previous.read_text())["rows"] if previous.is_file() else []
+    new = {(r["preset"], r["method"]) for r in rows}
+    return [r for r in old if (r["preset"], r["method"]) not in new] + rows
 
 
 if __name__ == "__main__":

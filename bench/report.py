@@ -158,13 +158,18 @@ def speed_section(s: dict) -> list[str]:
 
 
 def cost_section(c: dict) -> list[str]:
-    lines = ["## Cost of quantizing full-size Kanana shapes", "", f"Data: {provenance(c)}.", "",
-             "| preset | method | grid | calibration | layers run | s/layer | extrapolated total s | peak RSS GiB | source GB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## Cost of quantizing full-size Kanana shapes", "",
+             "Random weights of the real shapes (speed and memory do not depend on values); peak RSS of the whole "
+             "quantizing process. Runs of fewer layers than the model has extrapolate the total from the mean "
+             "layer time.", "",
+             "| preset | method | grid | calibration | layers run | s/layer | total s | peak RSS GiB | source GB | command |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in c["rows"]:
+        total = r.get("extrapolated_total_seconds", r["wall_seconds"])
         lines.append(f"| {r['preset']} | {r['method']} | {r['grid']} | {r['calibration']} | {r['layers_quantized']}"
-                     f"/{r['layers_total']} | {r['mean_layer_seconds']:.0f} | {r['extrapolated_total_seconds']:.0f} "
-                     f"| {r['peak_rss_gib']} | {r['source_gb']} |")
+                     f"/{r['layers_total']} | {r['mean_layer_seconds']:.0f} | {total:.0f} | {r['peak_rss_gib']} | "
+                     f"{r['source_gb']} | `{r.get('command', c['machine'].get('command', '?'))}` "
+                     f"({r.get('date', c['machine'].get('date', '?'))}) |")
     return lines + [""]
 
 
