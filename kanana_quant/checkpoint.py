@@ -12,7 +12,7 @@ import numpy as np
 from kanana_quant import names
 from kanana_quant.atomic import atomic_dir, ensure_free_space
 from kanana_quant.config import ModelConfig, load_config
-from kanana_quant.errors import KananaQuantError
+from kanana_quant.errors import KananaQuantError, confined, parse_json, read_text
 from kanana_quant.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,14 +42,11 @@ class HFCheckpoint:
     def _weight_map(self) -> dict[str, str]:
         index = self.dir / INDEX_FILE
         if index.is_file():
-            if index.stat().st_size > MAX_INDEX_BYTES:
-                raise KananaQuantError(f"{index}: index is over 64 MiB; the file is corrupt")
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                raise KananaQuantError(f"{index}: corrupt index (no weight_map); re-download the model") from None
+            data = parse_json(read_text(confined(self.dir, INDEX_FILE, str(self.dir)), MAX_INDEX_BYTES), str(index))
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise KananaQuantError(f"{index}: corrupt weight_map")
+                raise KananaQuantError(f"{index}: corrupt index (no weight_map of tensor -> file); "
+                                       "re-download the model")
             for shard in set(weight_map.values()):
                 self._confined(shard, index)
             return weight_map
@@ -65,14 +62,13 @@ class HFCheckpoint:
         raise KananaQuantError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
 
     def _confined(self, shard: str, index: Path) -> Path:
-        path = (self.dir / shard).resolve()
-        if path.parent != self.dir.resolve() or not path.name.endswith(".safetensors"):
-            raise KananaQuantError(f"{index}: shard {shard!r} is outside the model directory; refusing it")
-        return path
+        if not shard.endswith(".safetensors"):
+            raise KananaQuantError(f"{index}: shard {shard[:80]!r} is not a .safetensors file; refusing it")
+        return confined(self.dir, shard, str(index))
 
     def _file(self, shard: str) -> SafetensorsFile:
         if shard not in self._files:
-            path = self.dir / shard
+            path = confined(self.dir, shard, str(self.dir))
             if not path.is_file():
                 raise KananaQuantError(f"{path}: shard listed in the index is missing; re-download the model")
             self._files[shard] = SafetensorsFile(path)

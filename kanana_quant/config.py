@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kanana_quant import kanana
-from kanana_quant.errors import KananaQuantError, read_json_object
+from kanana_quant.errors import KananaQuantError, confined, read_json_object
 
 # Architecture class -> (our family name, MoE tensor naming or None).
 SUPPORTED_ARCHITECTURES = {
@@ -16,6 +17,21 @@ SUPPORTED_ARCHITECTURES = {
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 MAX_CONFIG_BYTES = 1 << 20
+# Caps far above any real model, checked before anything is sized from a config (a hostile config.json or
+# GGUF header must not make us build a list of 10^9 tensor names).
+MAX_DIM = 1 << 24  # vocab, hidden, intermediate, heads, head_dim, context
+MAX_LAYERS = 1024
+MAX_EXPERTS = 1024
+MAX_EXPERT_MATRICES = 1 << 17  # layers x experts
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -113,26 +129,22 @@ class ModelConfig:
 
 
 def _parse(raw: dict, source: str) -> ModelConfig:
-    def need(key: str, kind=int):
+    def need(key: str) -> int:
         value = raw.get(key)
         if value is None:
             raise KananaQuantError(f"{source}: missing {key!r}; is this a complete config.json?")
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise KananaQuantError(f"{source}: {key!r} must be a positive integer, got {value!r}")
-        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise KananaQuantError(f"{source}: {key!r} must be a positive number, got {value!r}")
-        return kind(value)
+        return _positive(source, key, value)
 
     archs = raw.get("architectures") or []
-    arch = archs[0] if isinstance(archs, list) and len(archs) == 1 else None
+    arch = archs[0] if isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise KananaQuantError(
-            f"{source}: unsupported architecture {archs!r}; kanana-quant supports "
+            f"{source}: unsupported architecture {_short(archs)}; kanana-quant supports "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (dense Kanana and Mixtral/Qwen-MoE-named MoE)"
         )
     family, moe_naming = SUPPORTED_ARCHITECTURES[arch]
     if raw.get("hidden_act", "silu") != "silu":
-        raise KananaQuantError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
+        raise KananaQuantError(f"{source}: hidden_act {_short(raw['hidden_act'])} is not supported (only silu)")
     if raw.get("mlp_bias"):
         raise KananaQuantError(f"{source}: mlp_bias=true is not supported")
 
@@ -143,28 +155,38 @@ def _parse(raw: dict, source: str) -> ModelConfig:
             raise KananaQuantError(f"{source}: hidden_size {hidden} is not a multiple of {heads} heads "
                                    "and no head_dim is given")
         head_dim = hidden // heads
-    head_dim = int(head_dim)
-    if head_dim <= 0 or head_dim % 2:
+    head_dim = _positive(source, "head_dim", head_dim)
+    if head_dim % 2:
         raise KananaQuantError(f"{source}: head_dim must be a positive even number, got {head_dim}")
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
-    if kv_heads <= 0 or heads % kv_heads:
+    kv_heads = _positive(source, "num_key_value_heads", raw.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
         raise KananaQuantError(f"{source}: {heads} attention heads are not a multiple of {kv_heads} KV heads")
+    num_layers = need("num_hidden_layers")
+    if num_layers > MAX_LAYERS:
+        raise KananaQuantError(f"{source}: num_hidden_layers {num_layers} is over {MAX_LAYERS}; the config is corrupt")
+    eps = raw.get("rms_norm_eps", 1e-6)
+    if not _is_number(eps) or eps < 0:
+        raise KananaQuantError(f"{source}: 'rms_norm_eps' must be a non-negative number, got {_short(eps)}")
+    bos = raw.get("bos_token_id")
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    for key, value, ids in (("bos_token_id", bos, () if bos is None else (bos,)), ("eos_token_id", eos, eos_ids)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_DIM for i in ids):
+            raise KananaQuantError(f"{source}: {key} must be a token id or a list of them, got {_short(value)}")
 
     rope_theta, rope_scaling = _parse_rope(raw, source)
     moe = _parse_moe(raw, source, family, moe_naming) if moe_naming else None
-    eos = raw.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     return ModelConfig(
         architecture=arch,
         family=family,
         vocab_size=need("vocab_size"),
         hidden_size=hidden,
         intermediate_size=moe.expert_intermediate_size if moe else need("intermediate_size"),
-        num_layers=need("num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(eps),
         rope_theta=rope_theta,
         max_position_embeddings=need("max_position_embeddings"),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -172,11 +194,19 @@ def _parse(raw: dict, source: str) -> ModelConfig:
         moe=moe,
         attention_bias=bool(raw.get("attention_bias", False)),
         qk_norm=family == "qwen3_moe",
-        bos_token_id=raw.get("bos_token_id"),
+        bos_token_id=bos,
         eos_token_ids=tuple(int(i) for i in eos_ids),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
         raw=raw,
     )
+
+
+def _positive(source: str, key: str, value, limit: int = MAX_DIM) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise KananaQuantError(f"{source}: {key!r} must be a positive integer, got {_short(value)}")
+    if value > limit:
+        raise KananaQuantError(f"{source}: {key!r} is {value}, over {limit}; the config is corrupt")
+    return value
 
 
 def _parse_rope(raw: dict, source: str) -> tuple[float, RopeScaling | None]:
@@ -185,46 +215,60 @@ def _parse_rope(raw: dict, source: str) -> tuple[float, RopeScaling | None]:
     theta = raw.get("rope_theta")
     if isinstance(block, dict) and theta is None:
         theta = block.get("rope_theta")
-    theta = float(theta if theta is not None else 10000.0)
+    theta = 10000.0 if theta is None else theta
+    if not _is_number(theta) or theta <= 1:
+        raise KananaQuantError(f"{source}: rope_theta must be a number above 1, got {_short(theta)}")
+    theta = float(theta)
     if not block:
         return theta, None
     if not isinstance(block, dict):
-        raise KananaQuantError(f"{source}: rope_scaling must be an object, got {block!r}")
+        raise KananaQuantError(f"{source}: rope_scaling must be an object, got {_short(block)}")
     kind = block.get("rope_type") or block.get("type") or "default"
     if kind not in ROPE_TYPES:
-        raise KananaQuantError(f"{source}: rope type {kind!r} is not supported; use one of {', '.join(ROPE_TYPES)}")
+        raise KananaQuantError(f"{source}: rope type {_short(kind)} is not supported; use one of "
+                               f"{', '.join(ROPE_TYPES)}")
     if kind == "default":
         return theta, None
-    factor = block.get("factor")
-    if not isinstance(factor, (int, float)) or factor <= 0:
-        raise KananaQuantError(f"{source}: rope_scaling.factor must be a positive number, got {factor!r}")
-    original = block.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
-    if kind in ("llama3", "yarn") and not original:
-        original = raw.get("max_position_embeddings")
     known = {f for f in RopeScaling.__dataclass_fields__} | {"type", "rope_theta", "partial_rotary_factor"}
     unknown = set(block) - known
     if unknown:
-        raise KananaQuantError(f"{source}: unsupported rope_scaling keys {sorted(unknown)}")
+        raise KananaQuantError(f"{source}: unsupported rope_scaling keys {_short(sorted(unknown))}")
     if block.get("partial_rotary_factor", 1.0) != 1.0:
         raise KananaQuantError(f"{source}: partial_rotary_factor is not supported")
 
-    def num(key, default):
+    def num(key, default=None, positive=True):
         value = block.get(key)
-        return default if value is None else float(value)
+        if value is None:
+            return default
+        if not _is_number(value) or (positive and value <= 0):
+            raise KananaQuantError(f"{source}: rope_scaling.{key} must be a {'positive ' if positive else ''}"
+                                   f"number, got {_short(value)}")
+        return float(value)
 
-    return theta, RopeScaling(
+    factor = num("factor")
+    if factor is None:
+        raise KananaQuantError(f"{source}: rope_scaling.factor must be a positive number, got None")
+    original = block.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+    if kind in ("llama3", "yarn") and not original:
+        original = raw.get("max_position_embeddings")
+    if original is not None:
+        original = _positive(source, "original_max_position_embeddings", original)
+    scaling = RopeScaling(
         rope_type=kind,
-        factor=float(factor),
-        original_max_position_embeddings=int(original) if original else None,
+        factor=factor,
+        original_max_position_embeddings=original,
         low_freq_factor=num("low_freq_factor", 1.0),
         high_freq_factor=num("high_freq_factor", 4.0),
         beta_fast=num("beta_fast", 32.0),
         beta_slow=num("beta_slow", 1.0),
-        attention_factor=block.get("attention_factor"),
-        mscale=block.get("mscale"),
-        mscale_all_dim=block.get("mscale_all_dim"),
+        attention_factor=num("attention_factor"),
+        mscale=num("mscale", positive=False),
+        mscale_all_dim=num("mscale_all_dim", positive=False),
         truncate=bool(block.get("truncate", True)),
     )
+    if kind == "llama3" and scaling.low_freq_factor == scaling.high_freq_factor:
+        raise KananaQuantError(f"{source}: llama3 rope_scaling needs low_freq_factor != high_freq_factor")
+    return theta, scaling
 
 
 def _parse_moe(raw: dict, source: str, family: str, naming: str) -> MoEConfig:
@@ -241,11 +285,20 @@ def _parse_moe(raw: dict, source: str, family: str, naming: str) -> MoEConfig:
     top_k = raw.get("num_experts_per_tok")
     for key, value in (("experts", experts), ("expert intermediate size", inter), ("num_experts_per_tok", top_k)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise KananaQuantError(f"{source}: MoE {key} must be a positive integer, got {value!r}")
+            raise KananaQuantError(f"{source}: MoE {key} must be a positive integer, got {_short(value)}")
+    inter = _positive(source, "expert intermediate size", inter)
+    if experts > MAX_EXPERTS or experts * _positive(source, "num_hidden_layers", raw.get("num_hidden_layers"),
+                                                    MAX_LAYERS) > MAX_EXPERT_MATRICES:
+        raise KananaQuantError(f"{source}: {experts} experts per layer is over what kanana-quant reads "
+                               f"({MAX_EXPERTS}, {MAX_EXPERT_MATRICES} in all); the config is corrupt")
     if top_k > experts:
         raise KananaQuantError(f"{source}: num_experts_per_tok {top_k} exceeds the {experts} experts")
     return MoEConfig(experts, top_k, inter, norm, naming)
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
-    return ModelConfig.from_file(Path(model_dir) / "config.json")
+    model_dir = Path(model_dir)
+    path = model_dir / "config.json"
+    if path.is_file():
+        confined(model_dir, "config.json", str(model_dir))
+    return ModelConfig.from_file(path)

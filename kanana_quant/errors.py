@@ -1,8 +1,8 @@
 """The one exception type for problems a user can cause (bad files, bad flags, bad configs), and the
-bounded JSON reading every metadata reader shares."""
+bounded JSON reading and path confinement every metadata reader shares."""
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 
 class KananaQuantError(Exception):
@@ -12,14 +12,50 @@ class KananaQuantError(Exception):
     """
 
 
+def parse_json(text: str | bytes, where: str):
+    """json.loads with every failure mode of hostile input as one KananaQuantError: bad syntax or UTF-8,
+    integers too long to convert (ValueError), nesting deeper than the recursion limit (RecursionError)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = str(e).splitlines()[0][:120] if not isinstance(e, RecursionError) else "nested too deeply"
+        raise KananaQuantError(f"{where}: not valid JSON ({reason}); re-download the model") from None
+
+
+def read_text(path: Path, max_bytes: int) -> str:
+    """A small UTF-8 text file, size-capped before reading; errors name the file."""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise KananaQuantError(f"{path}: file is over {max_bytes >> 20} MiB; refusing to parse it")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KananaQuantError(f"{path}: not UTF-8 text; re-download the model") from None
+    except OSError as e:
+        raise KananaQuantError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def read_json_object(path: Path, max_bytes: int) -> dict:
     """A JSON object from a small metadata file, size-capped before parsing; errors name the file."""
-    if path.stat().st_size > max_bytes:
-        raise KananaQuantError(f"{path}: file is over {max_bytes >> 20} MiB; refusing to parse it")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KananaQuantError(f"{path}: not valid JSON ({e}); re-download the model") from None
+    data = parse_json(read_text(path, max_bytes), str(path))
     if not isinstance(data, dict):
         raise KananaQuantError(f"{path}: expected a JSON object")
     return data
+
+
+def confined(model_dir: Path, name: str, where: str) -> Path:
+    """`model_dir / name` for a file name taken from a model's own metadata (a shard in an index, ...),
+    refused unless it is a plain relative name that stays inside the directory. Symbolic links are followed
+    only into the directory itself or, for a Hugging Face cache snapshot, into that repository's blobs."""
+    pure = PurePosixPath(name)
+    if (not name or "\0" in name or "\\" in name or pure.is_absolute() or ".." in pure.parts
+            or pure.parts[:1] == ("~",)):
+        raise KananaQuantError(f"{where}: file {name[:80]!r} is outside the model directory; refusing it")
+    path = model_dir / name
+    real, root = path.resolve(), model_dir.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":  # hub cache: snapshots/<rev>/file -> ../../blobs/<hash>
+        allowed.append(root.parent.parent / "blobs")
+    if not any(real == r or r in real.parents for r in allowed):
+        raise KananaQuantError(f"{where}: file {name[:80]!r} leads outside the model directory (to {real}); "
+                               "refusing it")
+    return path

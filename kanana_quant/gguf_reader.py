@@ -284,7 +284,7 @@ class _Meta:
             raise KananaQuantError(f"{self.source}: {key} differs between layers ({value[:4]}...); "
                                    "kanana-quant needs every layer alike")
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise KananaQuantError(f"{self.source}: {key} must be a non-negative integer, got {value!r}")
+            raise KananaQuantError(f"{self.source}: {key} must be a non-negative integer, got {repr(value)[:60]}")
         return value
 
     def number(self, key: str, default=_REQUIRED):
@@ -294,7 +294,7 @@ class _Meta:
                 raise KananaQuantError(f"{self.source}: GGUF metadata has no {key!r}; not a complete llama GGUF")
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise KananaQuantError(f"{self.source}: {key} must be a number, got {value!r}")
+            raise KananaQuantError(f"{self.source}: {key} must be a number, got {repr(value)[:60]}")
         return _f32(value)
 
     def text(self, key: str, default=_REQUIRED):
@@ -302,7 +302,7 @@ class _Meta:
         if value is None and default is not _REQUIRED:
             return default
         if not isinstance(value, str):
-            raise KananaQuantError(f"{self.source}: GGUF metadata {key!r} must be a string, got {value!r}")
+            raise KananaQuantError(f"{self.source}: GGUF metadata {key!r} must be a string, got {repr(value)[:60]}")
         return value
 
 
@@ -371,10 +371,16 @@ def _vocab_size(m: _Meta, tensors: dict[str, GGUFTensorInfo]) -> int:
     return size or 0
 
 
-def _special_ids(meta: dict) -> tuple[int | None, list[int]]:
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    return bos, list(dict.fromkeys(i for i in eos if isinstance(i, int)))
+def _special_ids(meta: dict, where: str) -> tuple[int | None, list[int]]:
+    def token_id(kind: str) -> int | None:
+        value = meta.get(f"tokenizer.ggml.{kind}_token_id")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise KananaQuantError(f"{where}: tokenizer.ggml.{kind}_token_id must be an integer, got "
+                                   f"{repr(value)[:40]}; the GGUF is corrupt")
+        return value
+
+    eos = [token_id(k) for k in ("eos", "eot", "eom")]
+    return token_id("bos"), list(dict.fromkeys(i for i in eos if i is not None))
 
 
 def hf_config_from_gguf(meta: dict, tensors: dict[str, GGUFTensorInfo], source: str,
@@ -397,7 +403,7 @@ def hf_config_from_gguf(meta: dict, tensors: dict[str, GGUFTensorInfo], source: 
                                "dimensions; partial rotary embeddings are not supported")
     theta = m.number(p + "rope.freq_base", 10000.0)
     experts = m.integer(p + "expert_count", 0)
-    bos, eos = _special_ids(meta)
+    bos, eos = _special_ids(meta, source)
     raw = {
         "architectures": ["MixtralForCausalLM" if experts else "LlamaForCausalLM"],
         "model_type": "mixtral" if experts else "llama",
@@ -651,9 +657,12 @@ def _token_lists(meta: dict, where: str) -> tuple[list[str], list[int], list[tup
         raise KananaQuantError(f"{where}: GGUF has no tokenizer.ggml.tokens; it carries no tokenizer")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = meta.get("tokenizer.ggml.merges")
-    if not isinstance(merges, list) or len(types) != len(tokens):
+    if not isinstance(merges, list) or not isinstance(types, list) or len(types) != len(tokens):
         raise KananaQuantError(f"{where}: byte-level BPE tokenizer without merges (or with mismatched token "
                                "types); the GGUF is incomplete")
+    if not isinstance(tokens[0], str) or not isinstance(merges[0] if merges else "", str):
+        raise KananaQuantError(f"{where}: tokenizer.ggml.tokens and .merges must be arrays of strings; the GGUF "
+                               "is corrupt")
     pairs = [tuple(m.split(" ")) for m in merges]
     if any(len(p) != 2 for p in pairs):
         raise KananaQuantError(f"{where}: a tokenizer merge is not two tokens separated by one space; corrupt")
@@ -720,7 +729,9 @@ def gguf_tokenizer(reader_or_path) -> Tokenizer:
                                "byte-level BPE ('gpt2') tokenizers, as Llama-3 and Kanana use")
     tokens, types, pairs = _token_lists(meta, where)
     pre = meta.get("tokenizer.ggml.pre") or "default"
-    bos, eos_ids = _special_ids(meta)
+    if not isinstance(pre, str):
+        raise KananaQuantError(f"{where}: tokenizer.ggml.pre must be a string, got {repr(pre)[:40]}")
+    bos, eos_ids = _special_ids(meta, where)
     for token_id in [bos, *eos_ids]:
         if token_id is not None and not 0 <= token_id < len(tokens):
             raise KananaQuantError(f"{where}: special token id {token_id} is outside the {len(tokens)}-token "

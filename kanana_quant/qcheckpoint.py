@@ -11,6 +11,7 @@ quantized only when asked (`lm_head` in the config).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from kanana_quant.quant import packing
 from kanana_quant.safetensors_io import TensorSpec
 
 METHODS = ("rtn", "gptq", "awq")
+SUPPORTED_BITS = (2, 3, 4, 8)  # as quant/grid.py, which needs torch; this module must not
 QUANTIZED_ROLES = frozenset(names.ATTENTION_LINEARS + names.MLP_LINEARS)
 
 
@@ -51,17 +53,25 @@ class QuantFormat:
         if not isinstance(block, dict) or block.get("quant_method") not in ("gptq", "awq"):
             raise KananaQuantError(f"{source}: quantization_config is not GPTQ or AWQ; not a kanana-quant checkpoint")
         ours = block.get("kanana_quant") or {}
+        if not isinstance(ours, dict):
+            raise KananaQuantError(f"{source}: quantization_config.kanana_quant must be an object")
         layout = block["quant_method"]
         if layout == "gptq" and block.get("desc_act"):
             raise KananaQuantError(f"{source}: desc_act=true (reordered groups) is not supported; re-quantize "
                                    "with static groups")
         sym = ours.get("sym", block.get("sym", not block.get("zero_point", True)))
-        try:
-            fmt = cls(method=ours.get("method", layout), bits=int(block["bits"]),
-                      group_size=int(block.get("group_size", -1)), sym=bool(sym),
-                      lm_head=bool(ours.get("lm_head", block.get("lm_head", False))))
-        except (KeyError, TypeError, ValueError):
-            raise KananaQuantError(f"{source}: quantization_config lacks bits/group_size") from None
+        bits, group_size, method = block.get("bits"), block.get("group_size", -1), ours.get("method", layout)
+        if not (isinstance(bits, int) and isinstance(group_size, int)) or isinstance(bits, bool) \
+                or isinstance(group_size, bool):
+            raise KananaQuantError(f"{source}: quantization_config lacks integer bits/group_size")
+        if bits not in SUPPORTED_BITS or not (group_size == -1 or 0 < group_size <= 1 << 20):
+            raise KananaQuantError(f"{source}: quantization_config bits {bits} / group_size {group_size} is not "
+                                   f"supported (bits {', '.join(map(str, SUPPORTED_BITS))}; group_size -1 or > 0)")
+        if method not in METHODS:
+            raise KananaQuantError(f"{source}: quantization_config method {repr(method)[:40]} is not one of "
+                                   f"{', '.join(METHODS)}")
+        fmt = cls(method=method, bits=bits, group_size=group_size, sym=bool(sym),
+                  lm_head=bool(ours.get("lm_head", block.get("lm_head", False))))
         if fmt.layout != layout:
             raise KananaQuantError(f"{source}: quantization_config says {layout} but method {fmt.method} at "
                                    f"{fmt.bits} bits is stored as {fmt.layout}")
@@ -146,6 +156,11 @@ class QuantizedCheckpoint(HFCheckpoint):
             return super()._check_one(name)
         out, cols = names.tensor_shape(self.config, name)
         base = hf_base(self._hf[name])
+        fmt, per_word = self.format, 32 // math.gcd(32, self.format.bits)
+        if (fmt.group_size != -1 and cols % fmt.group_size) or (fmt.layout == "gptq" and cols * fmt.bits % 32) \
+                or out % (8 if fmt.layout == "awq" else per_word):
+            raise KananaQuantError(f"{self.dir}: {fmt.bits}-bit {fmt.layout} group {fmt.group_size} cannot pack "
+                                   f"{base} [{out}, {cols}]; the checkpoint is corrupt")
         for spec in packed_specs(self.format, base, out, cols):
             file = self._file_of(spec.name)
             info = file.tensors[spec.name]

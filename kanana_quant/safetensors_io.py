@@ -104,13 +104,13 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise KananaQuantError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, over-long integers, nesting past the stack
         raise KananaQuantError(f"{path}: corrupt safetensors header (not JSON); re-download it") from None
     if not isinstance(header, dict):
         raise KananaQuantError(f"{path}: corrupt safetensors header (not an object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise KananaQuantError(f"{path}: corrupt safetensors __metadata__")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise KananaQuantError(f"{path}: corrupt safetensors __metadata__ (not an object of strings)")
     base, data_size = 8 + n, size - 8 - n
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -119,25 +119,25 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for (s0, e0, a), (s1, _, b) in zip(spans, spans[1:]):
         if s1 < e0:
             raise KananaQuantError(f"{path}: tensors {a!r} and {b!r} overlap; the file is corrupt")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, dict(metadata)
 
 
 def _check_entry(path: Path, name: str, entry, base: int, data_size: int) -> TensorInfo:
-    bad = f"{path}: corrupt entry for tensor {name!r}"
+    bad = f"{path}: corrupt entry for tensor {name[:80]!r}"
     if not isinstance(entry, dict):
         raise KananaQuantError(bad)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise KananaQuantError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise KananaQuantError(f"{path}: tensor {name[:80]!r} has unsupported dtype {repr(dtype)[:40]}")
     if (not isinstance(shape, list) or len(shape) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
-        raise KananaQuantError(f"{bad} (shape {shape!r})")
+        raise KananaQuantError(f"{bad} (shape {repr(shape)[:60]})")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-        raise KananaQuantError(f"{bad} (data_offsets {offsets!r})")
+        raise KananaQuantError(f"{bad} (data_offsets {repr(offsets)[:60]})")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
-        raise KananaQuantError(f"{path}: tensor {name!r} lies outside the file (offsets {begin}..{end}, "
+        raise KananaQuantError(f"{path}: tensor {name[:80]!r} lies outside the file (offsets {begin}..{end}, "
                                f"data is {data_size} bytes); the file is truncated or corrupt")
     if end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
         raise KananaQuantError(f"{bad}: {end - begin} bytes do not hold a {dtype} tensor of shape {shape}")
@@ -184,5 +184,6 @@ def write_safetensors(path: str | Path, specs: Iterable[TensorSpec],
             array = to_storage(produce(spec), spec.dtype)
             if array.shape != spec.shape:
                 raise ValueError(f"{spec.name}: produced shape {array.shape}, declared {spec.shape}")
-            f.write(memoryview(array).cast("B"))
+            if array.size:  # memoryview cannot cast an empty array
+                f.write(memoryview(array).cast("B"))
         f.flush()
