@@ -235,6 +235,8 @@ def quantize(
     loaded = open_model(model)
     if getattr(loaded.weights, "format", None):
         raise KananaQuantError(f"{model}: is already quantized; pass the float model")
+    from kanana_quant.resources import check_quantize
+    check_quantize(loaded, method, samples, seq_len)  # RAM (and context length) before any work
     opts = QuantOptions(QuantFormat(method, bits, group_size, sym), calib, samples, seq_len, seed, damp=damp,
                         act_order=act_order, device=device)
     if out_format == "gguf":
@@ -287,6 +289,8 @@ def export_gguf(
 
     file_type_info(file_type)  # validates the type name before loading anything
     loaded = open_model(src)
+    from kanana_quant.resources import check_gguf_export
+    check_gguf_export(loaded, out, file_type)  # disk space before writing
     with progress_bar(f"writing {out.name}", tensor_count(loaded.config, file_type)) as advance:
         export(loaded, out, file_type, on_tensor=advance)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
@@ -389,14 +393,41 @@ def demo(
 
 
 def main() -> None:
+    import signal
+
+    from rich.markup import escape
+
+    from kanana_quant.errors import os_error_exit
+
+    def fail(message: str, code: int) -> None:  # messages quote file contents: escaped, "[/x]" is no markup
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(code)
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`/`timeout`: clean up as Ctrl-C does
     try:
-        app()
+        code = app(standalone_mode=False)  # returns the exit code of --help, Ctrl-C (130), ...
+        sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
     except KananaQuantError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(EXIT_BAD_INPUT)
+        fail(str(e), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    except OSError as e:  # disk full, unwritable output: one line, exit 2 for a bad path, 1 otherwise
+        fail(*os_error_exit(e))
+    except MemoryError:
+        fail("out of memory; lower --samples/--seq-len or --max-tokens, or use a machine with more RAM", 1)
+    except typer.Abort:  # EOF at a prompt
+        console.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:
+        # click's usage errors (typer vendors click, so matched by shape): a bad flag, a missing argument
+        if not (hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int)):
+            raise  # a bug: traceback, exit 1
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        fail(" ".join(e.format_message().split()) + (f" (see {ctx.command_path} --help)" if ctx else ""), e.exit_code)
 
 
 if __name__ == "__main__":

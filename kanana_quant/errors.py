@@ -1,6 +1,7 @@
 """The one exception type for problems a user can cause (bad files, bad flags, bad configs), and the
 bounded JSON reading and path confinement every metadata reader shares."""
 
+import errno
 import json
 from pathlib import Path, PurePosixPath
 
@@ -59,3 +60,18 @@ def confined(model_dir: Path, name: str, where: str) -> Path:
         raise KananaQuantError(f"{where}: file {name[:80]!r} leads outside the model directory (to {real}); "
                                "refusing it")
     return path
+
+
+# OSErrors about a path the user chose (exit 2: fix the path or its permissions); every other OSError (disk
+# full, I/O error) is the system failing under a correct command (exit 1). Both print one line.
+BAD_PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                             errno.ENAMETOOLONG, errno.EEXIST, errno.ELOOP, errno.ENOTEMPTY})
+
+
+def os_error_exit(e: OSError) -> tuple[str, int]:
+    """One line and an exit code (2 bad path, 1 system failure) for an OSError that reached the CLI."""
+    where = " -> ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += "; free some space or write elsewhere (no partial output was left)"
+    return f"{reason}{': ' + where if where else ''}", 2 if e.errno in BAD_PATH_ERRNOS else 1
