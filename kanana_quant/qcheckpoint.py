@@ -35,18 +35,27 @@ class QuantFormat:
     group_size: int  # -1 = per-channel
     sym: bool
     lm_head: bool = False
+    lm_head_bits: int | None = None  # None: the same bits as the layers
 
     @property
     def layout(self) -> str:
         return "awq" if self.method == "awq" and self.bits == 4 else "gptq"
 
+    def bits_for(self, name: str) -> int:
+        return self.lm_head_bits or self.bits if name == "lm_head" else self.bits
+
     def to_hf(self) -> dict:
-        block = {"quant_method": self.layout, "bits": self.bits, "group_size": self.group_size,
-                 "kanana_quant": {"method": self.method, "sym": self.sym, "lm_head": self.lm_head}}
+        ours = {"method": self.method, "sym": self.sym, "lm_head": self.lm_head}
+        if self.lm_head and self.bits_for("lm_head") != self.bits:
+            ours["lm_head_bits"] = self.lm_head_bits
+        block = {"quant_method": self.layout, "bits": self.bits, "group_size": self.group_size, "kanana_quant": ours}
         if self.layout == "awq":
             return {**block, "version": "gemm", "zero_point": not self.sym}
-        return {**block, "desc_act": False, "sym": self.sym, "static_groups": True, "checkpoint_format": "gptq",
-                "lm_head": self.lm_head}
+        block = {**block, "desc_act": False, "sym": self.sym, "static_groups": True, "checkpoint_format": "gptq",
+                 "lm_head": self.lm_head}
+        if "lm_head_bits" in ours:  # GPTQModel's per-module override (its keys are regexes of module names)
+            block["dynamic"] = {"lm_head": {"bits": self.lm_head_bits}}
+        return block
 
     @classmethod
     def from_hf(cls, block: dict, source: str) -> "QuantFormat":
@@ -70,8 +79,12 @@ class QuantFormat:
         if method not in METHODS:
             raise KananaQuantError(f"{source}: quantization_config method {repr(method)[:40]} is not one of "
                                    f"{', '.join(METHODS)}")
+        head_bits = ours.get("lm_head_bits")
+        if head_bits is not None and (head_bits not in SUPPORTED_BITS or isinstance(head_bits, bool)):
+            raise KananaQuantError(f"{source}: quantization_config lm_head_bits {repr(head_bits)[:20]} is not one "
+                                   f"of {', '.join(map(str, SUPPORTED_BITS))}")
         fmt = cls(method=method, bits=bits, group_size=group_size, sym=bool(sym),
-                  lm_head=bool(ours.get("lm_head", block.get("lm_head", False))))
+                  lm_head=bool(ours.get("lm_head", block.get("lm_head", False))), lm_head_bits=head_bits)
         if fmt.layout != layout:
             raise KananaQuantError(f"{source}: quantization_config says {layout} but method {fmt.method} at "
                                    f"{fmt.bits} bits is stored as {fmt.layout}")
@@ -121,15 +134,18 @@ class QTensor:
         return cls(codes.astype(np.uint8), scales.astype(np.float32), zeros.astype(np.uint8), bits, group_size)
 
 
-def packed_specs(fmt: QuantFormat, base: str, out_features: int, in_features: int) -> list[TensorSpec]:
-    """The tensors a quantized linear [out, in] is stored as, named `{base}.qweight` etc."""
+def packed_specs(fmt: QuantFormat, base: str, out_features: int, in_features: int,
+                 bits: int | None = None) -> list[TensorSpec]:
+    """The tensors a quantized linear [out, in] is stored as, named `{base}.qweight` etc. (`bits`: this
+    tensor's, when it differs from the format's, e.g. an 8-bit lm_head)."""
+    bits = bits or fmt.bits
     groups = 1 if fmt.group_size == -1 else in_features // fmt.group_size
     if fmt.layout == "awq":
         return [TensorSpec(f"{base}.qweight", "I32", (in_features, out_features // 8)),
                 TensorSpec(f"{base}.qzeros", "I32", (groups, out_features // 8)),
                 TensorSpec(f"{base}.scales", "F16", (groups, out_features))]
-    return [TensorSpec(f"{base}.qweight", "I32", (in_features * fmt.bits // 32, out_features)),
-            TensorSpec(f"{base}.qzeros", "I32", (groups, out_features * fmt.bits // 32)),
+    return [TensorSpec(f"{base}.qweight", "I32", (in_features * bits // 32, out_features)),
+            TensorSpec(f"{base}.qzeros", "I32", (groups, out_features * bits // 32)),
             TensorSpec(f"{base}.scales", "F16", (groups, out_features)),
             TensorSpec(f"{base}.g_idx", "I32", (in_features,))]
 
@@ -156,26 +172,27 @@ class QuantizedCheckpoint(HFCheckpoint):
             return super()._check_one(name)
         out, cols = names.tensor_shape(self.config, name)
         base = hf_base(self._hf[name])
-        fmt, per_word = self.format, 32 // math.gcd(32, self.format.bits)
-        if (fmt.group_size != -1 and cols % fmt.group_size) or (fmt.layout == "gptq" and cols * fmt.bits % 32) \
+        fmt, bits = self.format, self.format.bits_for(name)
+        per_word = 32 // math.gcd(32, bits)
+        if (fmt.group_size != -1 and cols % fmt.group_size) or (fmt.layout == "gptq" and cols * bits % 32) \
                 or out % (8 if fmt.layout == "awq" else per_word):
-            raise KananaQuantError(f"{self.dir}: {fmt.bits}-bit {fmt.layout} group {fmt.group_size} cannot pack "
+            raise KananaQuantError(f"{self.dir}: {bits}-bit {fmt.layout} group {fmt.group_size} cannot pack "
                                    f"{base} [{out}, {cols}]; the checkpoint is corrupt")
-        for spec in packed_specs(self.format, base, out, cols):
+        for spec in packed_specs(self.format, base, out, cols, bits):
             file = self._file_of(spec.name)
             info = file.tensors[spec.name]
             if info.shape != spec.shape or info.dtype != spec.dtype:
                 raise KananaQuantError(f"{file.path}: {spec.name} is {info.dtype}{list(info.shape)}, expected "
-                                       f"{spec.dtype}{list(spec.shape)} for {self.format.bits}-bit "
+                                       f"{spec.dtype}{list(spec.shape)} for {bits}-bit "
                                        f"group {self.format.group_size}; the checkpoint is corrupt")
 
     def qtensor(self, name: str) -> QTensor:
         base = hf_base(self._hf[name])
         out, cols = names.tensor_shape(self.config, name)
-        tensors = {}
-        for spec in packed_specs(self.format, base, out, cols):
+        tensors, bits = {}, self.format.bits_for(name)
+        for spec in packed_specs(self.format, base, out, cols, bits):
             tensors[spec.name.rsplit(".", 1)[1]] = self._file_of(spec.name).raw(spec.name)
-        return QTensor.unpack(self.format.layout, tensors, self.format.bits, self.format.group_size)
+        return QTensor.unpack(self.format.layout, tensors, bits, self.format.group_size)
 
     def get(self, name: str, dtype=np.float32) -> np.ndarray:
         if self.is_quantized(name):
@@ -183,4 +200,4 @@ class QuantizedCheckpoint(HFCheckpoint):
         return super().get(name, dtype)
 
     def dtype(self, name: str) -> str:
-        return f"Q{self.format.bits}" if self.is_quantized(name) else super().dtype(name)
+        return f"Q{self.format.bits_for(name)}" if self.is_quantized(name) else super().dtype(name)

@@ -57,6 +57,27 @@ def test_quantized_runtime_equals_dequantized_float_forward(tiny_dense, tmp_path
     assert 0 < error < {2: 0.6, 3: 0.25, 4: 0.15, 8: 0.01}[bits]
 
 
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_lm_head_bits(tiny_dense, tmp_path, method):
+    """--lm-head-bits 8 on a tied model: lm_head becomes its own 8-bit tensor (embedding stays float), the
+    config says so in our block and GPTQModel's `dynamic`, and the runtime uses the packed codes."""
+    opts = QuantOptions(QuantFormat(method, 4, 32, True, lm_head=True, lm_head_bits=8), **FAST)
+    out = quantize_model(open_model(str(tiny_dense)), tmp_path / "q", opts)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert config["quantization_config"]["dynamic"] == {"lm_head": {"bits": 8}}
+    ckpt = QuantizedCheckpoint(out)
+    q = ckpt.qtensor("lm_head")
+    assert q.bits == 8 and ckpt.qtensor("layers.0.q").bits == 4 and len(np.unique(q.codes)) > 64
+    embed = open_model(str(tiny_dense)).weights.get("embed")
+    assert np.array_equal(ckpt.get("embed"), embed)
+    assert 0 < np.abs(ckpt.get("lm_head") - embed).max() < 0.01 * np.abs(embed).max()
+    ids = open_model(str(out)).tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)
+    quantized = NumpyEngine(ckpt).forward(ids, all_logits=True)
+    reference = NumpyEngine(Dequantized(ckpt)).forward(ids, all_logits=True)
+    assert np.max(np.abs(quantized - reference)) <= 1e-4
+
+
 @pytest.mark.parametrize("variant", ["moe-mixtral", "moe-qwen"])
 def test_moe_quantization_touches_every_expert(model_dirs, tmp_path, variant):
     src = model_dirs(variant)

@@ -25,7 +25,7 @@ from kanana_quant import names
 from kanana_quant.atomic import atomic_file, ensure_free_space
 from kanana_quant.checkpoint import SINGLE_FILE, save_checkpoint
 from kanana_quant.errors import KananaQuantError
-from kanana_quant.layers_torch import TorchLayer
+from kanana_quant.layers_torch import TorchLayer, rms_norm
 from kanana_quant.loader import LoadedModel
 from kanana_quant.qcheckpoint import QTensor, QuantFormat, hf_base, packed_specs
 from kanana_quant.quant import awq
@@ -72,14 +72,19 @@ def check_format(model: LoadedModel, fmt: QuantFormat) -> None:
     """Every linear must fit the grid and the packed layout: fail before any work."""
     cfg = model.config
     spec = QuantSpec(fmt.bits, fmt.group_size, fmt.sym)
-    for name in names.canonical_names(cfg):
-        if not fmt.quantizes(name):
-            continue
-        out, cols = names.tensor_shape(cfg, name)
+    if fmt.lm_head and fmt.layout == "awq" and fmt.bits_for("lm_head") != fmt.bits:
+        raise KananaQuantError("AWQ's GEMM layout has one width for every tensor: --lm-head-bits must equal --bits "
+                               "with --method awq")
+    quantized = [n for n in names.canonical_names(cfg) if fmt.quantizes(n)]
+    if fmt.lm_head and "lm_head" not in quantized:
+        quantized.append("lm_head")  # tied: the lm_head is quantized from the embedding, which stays float
+    for name in quantized:
+        out, cols = (cfg.vocab_size, cfg.hidden_size) if name == "lm_head" else names.tensor_shape(cfg, name)
         spec.check(cols, name)
-        per_word = 8 if fmt.layout == "awq" else 32 // math.gcd(32, fmt.bits)
-        if out % per_word or (fmt.layout == "gptq" and cols * fmt.bits % 32):
-            raise KananaQuantError(f"{fmt.bits}-bit {fmt.layout} packing cannot hold {name} [{out}, {cols}]; "
+        bits = fmt.bits_for(name)
+        per_word = 8 if fmt.layout == "awq" else 32 // math.gcd(32, bits)
+        if out % per_word or (fmt.layout == "gptq" and cols * bits % 32):
+            raise KananaQuantError(f"{bits}-bit {fmt.layout} packing cannot hold {name} [{out}, {cols}]; "
                                    "choose other --bits")
 
 
@@ -178,9 +183,29 @@ class LayerStream:
     def _quantized_role(self, role: str) -> bool:
         return self.opts.fmt.quantizes(f"layers.0.{role}")
 
-    def _qtensor(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> QTensor:
+    def _qtensor(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 bits: int | None = None) -> QTensor:
         return QTensor(codes.cpu().numpy().astype(np.uint8), scales.float().cpu().numpy(),
-                       zeros.cpu().numpy().astype(np.uint8), self.opts.fmt.bits, self.opts.fmt.group_size)
+                       zeros.cpu().numpy().astype(np.uint8), bits or self.opts.fmt.bits, self.opts.fmt.group_size)
+
+    @torch.inference_mode()
+    def _lm_head(self) -> QTensor:
+        """The output projection at --lm-head-bits: GPTQ on the final-norm activations of the quantized
+        model when the method is GPTQ, else round-to-nearest with the clipping search."""
+        fmt, src = self.opts.fmt, self.model.weights
+        weight = torch.from_numpy(src.get("embed" if self.cfg.tie_word_embeddings else "lm_head")).to(self.device)
+        spec = QuantSpec(fmt.bits_for("lm_head"), fmt.group_size, fmt.sym)
+        search = self.opts.extra.get("search", True)
+        if fmt.method != "gptq":
+            return self._qtensor(*quantize_rtn(weight, spec, search), bits=spec.bits)
+        self.on_stage("lm_head")
+        solver = GPTQ(weight)
+        del weight
+        norm = torch.from_numpy(src.get("norm")).to(self.device)
+        for x in self._batches(self._acts(self.cfg.num_layers % 2, "r")):
+            solver.add_batch(rms_norm(x, norm, self.cfg.rms_norm_eps))
+        result = solver.fasterquant(spec, percdamp=self.opts.damp, act_order=self.opts.act_order, search=search)
+        return self._qtensor(result.codes, result.scales, result.zeros, bits=spec.bits)
 
     def _rtn(self, weight: torch.Tensor, importance: torch.Tensor | None = None, search: bool | None = None) -> QTensor:
         if search is None:
@@ -329,12 +354,19 @@ class LayerStream:
             for spec in self._layer_specs(i):
                 specs.append(spec)
                 owner[spec.name] = file
-        for name in ("norm", "lm_head"):
-            if name in self.hf:
-                specs.append(TensorSpec(self.hf[name], src.dtype(name), names.tensor_shape(cfg, name)))
+        specs.append(TensorSpec(self.hf["norm"], src.dtype("norm"), names.tensor_shape(cfg, "norm")))
+        head = {}
+        if self.opts.fmt.lm_head:
+            q = self._lm_head()
+            head = {f"lm_head.{k}": v for k, v in q.pack(self.opts.fmt.layout).items()}
+            specs += packed_specs(self.opts.fmt, "lm_head", cfg.vocab_size, cfg.hidden_size, q.bits)
+        elif "lm_head" in self.hf:
+            specs.append(TensorSpec(self.hf["lm_head"], src.dtype("lm_head"), names.tensor_shape(cfg, "lm_head")))
         canonical = {hf: n for n, hf in self.hf.items()}
 
         def produce(spec: TensorSpec) -> np.ndarray:
+            if spec.name in head:
+                return head[spec.name]
             if spec.name in owner:
                 file = owner[spec.name]
                 return file.raw(spec.name) if spec.dtype in ("I32", "F16") else file.get(spec.name)
@@ -342,6 +374,8 @@ class LayerStream:
 
         config = dict(cfg.raw)
         config["quantization_config"] = self.opts.fmt.to_hf()
+        if self.opts.fmt.lm_head:
+            config["tie_word_embeddings"] = False  # a quantized lm_head is its own tensor; the embedding stays float
         files = {"config.json": json.dumps(config, indent=2, ensure_ascii=False)}
         if self.model.path.is_dir():
             for fname in COPIED_FILES:
