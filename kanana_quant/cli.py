@@ -193,6 +193,8 @@ def quantize(
     resume: bool = typer.Option(False, help="Continue an interrupted run at the next layer."),
     damp: float = typer.Option(0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal."),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ column order by Hessian diagonal."),
+    lm_head_bits: int = typer.Option(0, help="Quantize lm_head too, at these bits (2, 3, 4 or 8; 0 = keep it "
+                                             "float). A tied embedding stays float."),
     out_format: str = typer.Option("hf", "--format", help="hf (GPTQ/AWQ-layout checkpoint) or gguf (GPTQ on the "
                                                           "GGUF types of --type, written as OUT.gguf)."),
     gguf_type: str = typer.Option("Q4_K_M", "--type", help="With --format gguf: Q4_0, Q5_0, Q8_0, Q4_K_M, "
@@ -217,6 +219,14 @@ def quantize(
         if out.suffix != ".gguf":
             raise KananaQuantError(f"--format gguf writes a file: give -o a name ending in .gguf, not {out}")
     QuantSpec(bits, group_size, sym)  # validates bits and group size before any loading
+    from kanana_quant.qcheckpoint import SUPPORTED_BITS
+
+    if lm_head_bits and lm_head_bits not in SUPPORTED_BITS:
+        raise KananaQuantError(f"--lm-head-bits {lm_head_bits} is not supported; choose 0 (float) or one of "
+                               f"{', '.join(map(str, SUPPORTED_BITS))}")
+    if lm_head_bits and out_format == "gguf":
+        raise KananaQuantError("--lm-head-bits applies to --format hf; in a GGUF, --type decides the output "
+                               "tensor's type (Q6_K or Q8_0, as llama-quantize)")
     if samples < 1 or seq_len < 8:
         raise KananaQuantError(f"--samples must be >= 1 and --seq-len >= 8, got {samples} and {seq_len}")
     if damp <= 0:
@@ -237,7 +247,8 @@ def quantize(
         raise KananaQuantError(f"{model}: is already quantized; pass the float model")
     from kanana_quant.resources import check_quantize
     check_quantize(loaded, method, samples, seq_len)  # RAM (and context length) before any work
-    opts = QuantOptions(QuantFormat(method, bits, group_size, sym), calib, samples, seq_len, seed, damp=damp,
+    fmt = QuantFormat(method, bits, group_size, sym, lm_head=bool(lm_head_bits), lm_head_bits=lm_head_bits or None)
+    opts = QuantOptions(fmt, calib, samples, seq_len, seed, damp=damp,
                         act_order=act_order, device=device)
     if out_format == "gguf":
         from kanana_quant.quant.gguf_stream import GGUFStream

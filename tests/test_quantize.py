@@ -133,6 +133,8 @@ def test_group_size_must_divide_rows_before_any_work(tiny_dense, tmp_path):
     (["--samples", "0"], "--samples"),
     (["--device", "tpu"], "--device 'tpu'"),
     (["--resume"], "nothing to resume"),
+    (["--lm-head-bits", "6"], "--lm-head-bits 6 is not supported"),
+    (["--lm-head-bits", "8", "--method", "awq"], "--lm-head-bits must equal --bits"),
 ])
 def test_bad_quantize_arguments_fail_with_one_line(tiny_dense, tmp_path, args, message):
     result = subprocess.run([sys.executable, "-m", "kanana_quant.cli", "quantize", str(tiny_dense), "-o",
