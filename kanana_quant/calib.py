@@ -14,14 +14,21 @@ from kanana_quant.errors import KananaQuantError
 from kanana_quant.tokenizer import Tokenizer
 
 BUILTIN = "builtin"
+BUILTIN_FILES = ("data/bilingual_train.txt", "data/calib_en.txt")  # documents split on blank lines
 MAX_CALIB_BYTES = 1 << 30
 _TURN = re.compile(r"^(User|Assistant|사용자|어시스턴트):\s?", re.MULTILINE)
 
 
 def builtin_documents() -> list[str]:
-    """Our bilingual set: Korean and English prose, chat turns, code, math and JSON tool calls."""
-    text = resources.files("kanana_quant").joinpath("data/bilingual_train.txt").read_text(encoding="utf-8")
-    return [d.strip() for d in text.split("\n\n") if d.strip()]
+    """Our bilingual set: Korean and English prose, chat turns, code, math and JSON tool calls. The
+    Korean-heavy bilingual_train.txt (which also trains the test tokenizer) is balanced by calib_en.txt,
+    original English text, so GPTQ/AWQ are not calibrated mostly on Korean."""
+    package = resources.files("kanana_quant")
+    docs = []
+    for name in BUILTIN_FILES:
+        text = package.joinpath(name).read_text(encoding="utf-8")
+        docs += [d.strip() for d in text.split("\n\n") if d.strip()]
+    return docs
 
 
 def _as_messages(document: str) -> list[dict] | None:
