@@ -11,6 +11,7 @@ uses our built-in bilingual set; evaluation uses text no method saw (bench/commo
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -19,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import heldout_text, save  # noqa: E402
+from common import RESULTS, heldout_text, save  # noqa: E402
 
+from kanana_quant.calib import builtin_documents  # noqa: E402
 from kanana_quant.eval import perplexity  # noqa: E402
 from kanana_quant.loader import open_checkpoint, open_model  # noqa: E402
 from kanana_quant.qcheckpoint import QuantFormat  # noqa: E402
@@ -46,6 +48,21 @@ def evaluate(engine, texts: dict, ctx: int, windows: int) -> dict:
     for lang, ids in texts.items():
         out[lang] = perplexity(engine, ids[: windows * ctx], ctx)["perplexity"]
     return out
+
+
+def merged(rows: list[dict], args) -> list[dict]:
+    """A run of some methods/grids keeps the earlier rows it did not redo (same windows and context)."""
+    previous = RESULTS / "quality.json"
+    if not previous.is_file():
+        return rows
+    old = json.loads(previous.read_text(encoding="utf-8"))
+    if (old.get("ctx"), old.get("windows")) != (args.ctx, args.windows):
+        return rows
+    redone = {(r["method"], r.get("grid")) for r in rows}
+    kept = [r for r in old["rows"][1:] if (r["method"], r.get("grid")) not in redone]
+    order = {grid: i for i, grid in enumerate(dict.fromkeys(r.get("grid") for r in old["rows"][1:] + rows[1:]))}
+    names = list(METHODS)
+    return rows[:1] + sorted(kept + rows[1:], key=lambda r: (order[r.get("grid")], names.index(r["method"])))
 
 
 def main() -> None:
@@ -88,12 +105,15 @@ def main() -> None:
                 shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    calibration = f"builtin ({len(builtin_documents())} documents), {args.samples} x {args.seq_len}"
+    command = " ".join(["quality.py", *sys.argv[1:]])
     for row in rows[1:]:
         for lang in ("en", "ko"):
             row[f"d{lang}"] = row[lang] - float_ppl[lang]
+        row |= {"calibration": calibration, "command": command, "date": time.strftime("%Y-%m-%d")}
     path = save("quality", {"model": gguf.name, "ctx": args.ctx, "windows": args.windows,
                             "tokens": {k: min(len(v), args.windows * args.ctx) for k, v in texts.items()},
-                            "calibration": f"builtin, {args.samples} x {args.seq_len}", "rows": rows,
+                            "calibration": calibration, "rows": merged(rows, args),
                             "seconds": time.perf_counter() - started})
     print(f"wrote {path}")
 
