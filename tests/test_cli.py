@@ -117,9 +117,18 @@ def test_demo_runs(tmp_path):
     result = cli("demo", "--model", "tiny", "-o", tmp_path / "demo", "--max-tokens", 4, "--samples", 4,
                  "--seq-len", 64)
     assert result.returncode == 0, result.stderr
-    assert "numpy tokens/s" in result.stdout and "gptq 4-bit g32" in result.stdout
+    table = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    engines = {line.split("│")[2].strip() for line in table[1:]}
+    assert engines == {"numpy", "onnxruntime", "llama.cpp"}, result.stdout
+    assert "skipped" not in result.stdout
     assert "demo outputs:" in result.stdout
-    assert (tmp_path / "demo" / "tiny-kanana-gptq-4bit" / "model.safetensors").is_file()
+    demo = tmp_path / "demo"
+    assert (demo / "tiny-kanana-gptq-4bit" / "model.safetensors").is_file()
+    assert (demo / "tiny-kanana-gptq-4bit.Q4_0.gguf").is_file()
+    assert (demo / "tiny-kanana-gptq-4bit-onnx" / "model.onnx").is_file()
+    # the same quantized weights in three engines: greedy replies agree (tiny model, 4 tokens)
+    replies = [line for line in result.stdout.splitlines() if line.strip().startswith("→")]
+    assert len(replies) == 2 * 4 and replies[2] == replies[4] == replies[6]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -17,9 +17,9 @@ def resolve_engine(engine: str, path: Path) -> str:
     (numpy runs GGUF files too, and llama.cpp is an optional extra)."""
     if engine not in ENGINES:
         raise KananaQuantError(f"--engine {engine!r} is not known; choose one of: {', '.join(ENGINES)}")
-    from kanana_quant import loader
+    from kanana_quant.loader import is_onnx_export
 
-    onnx = hasattr(loader, "is_onnx_export") and loader.is_onnx_export(path)
+    onnx = is_onnx_export(path)
     if engine == "auto":
         return "onnxruntime" if onnx else "numpy"
     if engine == "llama.cpp" and path.suffix != ".gguf":

@@ -29,6 +29,8 @@ class LlamaCppEngine:
         self.max_seq_len = min(max_seq_len or config.max_position_embeddings, config.max_position_embeddings)
         kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv_cache else {}
         kv.update(llamacpp_yarn(config) or {})
+        if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            threads = int(os.environ["OMP_NUM_THREADS"])  # the thread budget every engine here honours
         threads = threads or os.cpu_count() or 1
         try:
             self.llm = Llama(model_path=str(path), n_ctx=self.max_seq_len, n_batch=min(self.max_seq_len, 512),
