@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_TEXT
-from kanana_quant import names
 from kanana_quant.loader import open_model
 from kanana_quant.qcheckpoint import QuantFormat, QuantizedCheckpoint
 from kanana_quant.quant.stream import LayerStream, QuantOptions, quantize_model

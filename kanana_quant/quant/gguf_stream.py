@@ -5,13 +5,13 @@ LayerStream; only the per-linear solve, the per-layer files and the final assemb
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kanana_quant import names
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.exporters.gguf import export_gguf, file_type_info, permute_rows, tensor_type
 from kanana_quant.loader import LoadedModel
@@ -55,22 +55,15 @@ class GGUFStream(LayerStream):
             fitted = {}
 
             def grid(w: torch.Tensor, importance: torch.Tensor):
-                fitted["fit"] = fit(w.cpu(), importance.cpu())
-                return fitted["fit"].grid
+                fitted["fit"] = fit(w.cpu(), importance.cpu())  # the block fitters are numpy
+                g = fitted["fit"].grid
+                return type(g)(g.scale.to(w.device), g.zero.to(w.device), g.maxq)
 
             result = solver.fasterquant(_ANY_SPEC, percdamp=self.opts.damp, act_order=self.opts.act_order,
                                         grid=grid)
             qt[role] = GGMLTensor(qtype, fitted["fit"].pack(result.codes.cpu().numpy()))
             report.loss += float(result.loss)
             layer.w[role] = result.weight.to(self.device)  # true-sequential: later stages see these
-
-    def _layer_specs(self, i: int) -> list[TensorSpec]:
-        specs = []
-        for role in names.layer_roles(self.cfg):
-            name = f"layers.{i}.{role}"
-            shape = names.tensor_shape(self.cfg, name)
-            specs.append(TensorSpec(name, "F32", shape))
-        return specs
 
     def _write_layer(self, i, w, qt) -> None:
         specs, tensors = [], {}
@@ -85,8 +78,6 @@ class GGUFStream(LayerStream):
         write_safetensors(self.work / f"layer{i}.safetensors", specs, lambda s: tensors[s.name])
 
     def finish(self) -> Path:
-        import shutil
-
         files = [SafetensorsFile(self.work / f"layer{i}.safetensors") for i in range(self.cfg.num_layers)]
         weights = _StreamedWeights(self.model.weights, files, self.cfg, self.file_type)
         try:

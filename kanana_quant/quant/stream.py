@@ -23,7 +23,7 @@ import torch
 
 from kanana_quant import names
 from kanana_quant.atomic import atomic_file, ensure_free_space
-from kanana_quant.checkpoint import SINGLE_FILE, save_checkpoint
+from kanana_quant.checkpoint import save_checkpoint
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.layers_torch import TorchLayer, rms_norm
 from kanana_quant.loader import LoadedModel
@@ -31,7 +31,7 @@ from kanana_quant.qcheckpoint import QTensor, QuantFormat, hf_base, packed_specs
 from kanana_quant.quant import awq
 from kanana_quant.quant.gptq import GPTQ
 from kanana_quant.quant.grid import QuantSpec, quantize_rtn
-from kanana_quant.quant.moe import ExpertTokens, expert_tokens
+from kanana_quant.quant.moe import expert_tokens
 from kanana_quant.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
