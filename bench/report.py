@@ -120,41 +120,46 @@ def gguf_section(g: dict) -> list[str]:
 
 
 def speed_section(s: dict) -> list[str]:
-    rows = s.get("rows", [])
-    lines = ["## Speed: decode and prefill per engine", "", f"Data: {provenance(s)}.", ""]
-    keys = [k for k in ("model", "engine", "threads", "decode_tok_s", "prefill_tok_s", "decode_x_llamacpp",
-                        "prefill_x_llamacpp", "peak_rss_gb", "file_gb", "bandwidth_bound_tok_s") if rows and k in rows[0]]
-    if keys:
-        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for r in rows:
-            lines.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
-        lines.append("")
-    if rows and {"model", "engine", "decode_tok_s"} <= set(rows[0]):
-        def draw(plt):
-            models = list(dict.fromkeys(r["model"] for r in rows))
-            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-            for ax, metric in zip(axes, ("decode_tok_s", "prefill_tok_s")):
-                engines = list(dict.fromkeys(r["engine"] for r in rows))
-                width = 0.8 / max(len(engines), 1)
-                for j, engine in enumerate(engines):
-                    vals = [next((r.get(metric, 0) for r in rows if r["model"] == m and r["engine"] == engine), 0)
-                            for m in models]
-                    ax.bar([i + j * width for i in range(len(models))], vals, width, label=engine)
-                if metric == "decode_tok_s":
-                    for i, m in enumerate(models):
-                        bound = next((r.get("bandwidth_bound_tok_s") for r in rows if r["model"] == m
-                                      and r.get("bandwidth_bound_tok_s")), None)
-                        if bound:
-                            ax.hlines(bound, i - width / 2, i + width * len(engines), colors="k", linestyles=":",
-                                      label="memory-bandwidth bound" if i == 0 else None)
-                ax.set_xticks([i + width * (len(engines) - 1) / 2 for i in range(len(models))], models, fontsize=7)
-                ax.set_ylabel(metric.replace("_tok_s", " tokens/s"))
-                ax.legend(fontsize=7)
-            fig.suptitle("Decode and prefill tokens/s per engine")
-            return fig, axes
+    lines = ["## Speed: decode and prefill per engine", "",
+             f"Data: {provenance(s)}, {s.get('threads', '?')} threads per engine. {s.get('protocol', '')}. "
+             f"Measured read bandwidth {s.get('read_bandwidth_gbs', '?')} GB/s; the decode bound is the bytes of "
+             "weights one token reads divided by it.", "",
+             "| model | engine | decode tok/s | × llama.cpp | prefill tok/s | × llama.cpp | peak RSS GiB | RSS / file |",
+             "|---|---|---|---|---|---|---|---|"]
+    models = s.get("models", {})
+    for model, m in models.items():
+        for engine, e in m.get("engines", {}).items():
+            lines.append(f"| {model} | {engine} | {e.get('decode_tok_s', 0):.2f} | {e.get('decode_vs_llama_cpp', 0):.2f} | "
+                         f"{e.get('prefill_tok_s', 0):.1f} | {e.get('prefill_vs_llama_cpp', 0):.2f} | "
+                         f"{e.get('peak_rss_gib', 0):.2f} | {e.get('rss_over_file', 0):.2f} |")
+        if "decode_bound_tok_s" in m:
+            lines.append(f"| {model} | memory-bandwidth bound | {m['decode_bound_tok_s']:.1f} | | | | | |")
+    lines.append("")
+    if not models:
+        return lines
 
-        lines += [_figure("speed", [s], draw), ""]
-    return lines
+    def draw(plt):
+        names = list(models)
+        engines = list(dict.fromkeys(e for m in models.values() for e in m.get("engines", {})))
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        width = 0.8 / max(len(engines), 1)
+        for ax, metric, label in zip(axes, ("decode_tok_s", "prefill_tok_s", "peak_rss_gib"),
+                                     ("decode tokens/s", "prefill tokens/s", "peak RSS GiB")):
+            for j, engine in enumerate(engines):
+                vals = [models[n].get("engines", {}).get(engine, {}).get(metric, 0) for n in names]
+                ax.bar([i + j * width for i in range(len(names))], vals, width, label=engine)
+            if metric == "decode_tok_s":
+                for i, n in enumerate(names):
+                    if "decode_bound_tok_s" in models[n]:
+                        ax.hlines(models[n]["decode_bound_tok_s"], i - width / 2, i + width * len(engines),
+                                  colors="k", linestyles=":", label="memory-bandwidth bound" if i == 0 else None)
+            ax.set_xticks([i + width * (len(engines) - 1) / 2 for i in range(len(names))], names, fontsize=7)
+            ax.set_ylabel(label)
+        axes[0].legend(fontsize=7)
+        fig.suptitle("Engines on Kanana-shaped 4-bit models (random weights)")
+        return fig, axes
+
+    return lines + [_figure("speed", [s], draw), ""]
 
 
 def cost_section(c: dict) -> list[str]:
