@@ -214,3 +214,27 @@ def test_token_weights_and_running_average():
     assert not torch.allclose(weighted.H, unweighted.H)
     with pytest.raises(ValueError):
         weighted.add_batch(flat[:2], torch.tensor([1.0, -1.0]))
+
+
+def test_batched_experts_equal_one_at_a_time():
+    """fasterquant_batched (MoE experts in one sweep) computes what fasterquant does for each problem."""
+    from kanana_quant.quant.gptq import fasterquant_batched
+
+    problems = [correlated(seed, n=512, d=256, rows=48) for seed in range(4)]
+    problems[3] = (problems[3][0][:0], problems[3][1])  # an expert no token reached: identity Hessian
+    spec = QuantSpec(4, 64, False)
+
+    def solver(x, w, tokens=True):
+        g = GPTQ(w)
+        if len(x):
+            g.add_batch(x)
+        return g
+
+    single = [solver(x, w).fasterquant(spec) for x, w in problems]
+    batched = fasterquant_batched([solver(x, w) for x, w in problems], spec)
+    for a, b in zip(single, batched):
+        assert (a.codes == b.codes).float().mean() > 0.999
+        torch.testing.assert_close(a.scales, b.scales)
+        torch.testing.assert_close(a.zeros, b.zeros)
+        assert abs(a.loss - b.loss) <= 1e-3 * max(a.loss, 1e-9)
+        assert torch.max(torch.abs(a.weight - b.weight)) <= float(a.scales.max()) * 1.001

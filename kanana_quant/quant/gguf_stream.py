@@ -46,9 +46,10 @@ class GGUFStream(LayerStream):
     def _quantized_role(self, role: str) -> bool:
         return False  # everything GPTQ does not target stays float until the exporter writes it
 
-    def _solve(self, solvers, roles, layer, qt, report):
+    def _solve(self, solvers, roles, layer, qt, report, role_of: list[str] | None = None):
         for role, solver in zip(roles, solvers):
-            qtype = tensor_type(self.cfg, f"layers.{self._layer}.{role}", self.file_type)
+            parts = role_of or [role]  # the roles whose rows the solver holds, stacked in order
+            qtype = tensor_type(self.cfg, f"layers.{self._layer}.{parts[0]}", self.file_type)
             fit = ggml_grid.fitter(qtype)
             if fit is None:
                 continue
@@ -61,9 +62,24 @@ class GGUFStream(LayerStream):
 
             result = solver.fasterquant(_ANY_SPEC, percdamp=self.opts.damp, act_order=self.opts.act_order,
                                         grid=grid)
-            qt[role] = GGMLTensor(qtype, fitted["fit"].pack(result.codes.cpu().numpy()))
+            data = fitted["fit"].pack(result.codes.cpu().numpy())  # one byte row per weight row
             report.loss += float(result.loss)
-            layer.w[role] = result.weight.to(self.device)  # true-sequential: later stages see these
+            start = 0
+            for part in parts:
+                rows = slice(start, start + layer.w[part].shape[0])
+                start = rows.stop
+                qt[part] = GGMLTensor(qtype, data[rows])
+                layer.w[part] = result.weight[rows].to(self.device)  # true-sequential: later stages see these
+
+    def _solve_stacked(self, solvers, roles, layer, qt, report) -> None:
+        """Experts one at a time on their GGUF grids; stacked gate+up rows share one type and split after."""
+        for solver, group in zip(solvers, roles):
+            names_ = [f"layers.{self._layer}.{r}" for r in group]
+            qtypes = {tensor_type(self.cfg, n, self.file_type) for n in names_}
+            if len(qtypes) != 1:
+                raise KananaQuantError(f"{', '.join(names_)}: stacked for GPTQ but given different GGUF types")
+            stacked = "+".join(group)
+            self._solve([solver], [stacked], layer, qt, report, role_of=group)
 
     def _write_layer(self, i, w, qt) -> None:
         specs, tensors = [], {}

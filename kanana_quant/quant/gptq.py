@@ -92,21 +92,10 @@ class GPTQ:
                     grid: Callable[[torch.Tensor], ColumnGrid] | None = None) -> GPTQResult:
         """Quantize on `spec`'s grid, or — given `grid`, which fits a per-column grid to the weights and the
         importance diag(H) up front — on that one (e.g. a GGUF K-quant's two-level scales)."""
-        if self.H is None:
-            raise RuntimeError("GPTQ.fasterquant was already called; the Hessian has been freed")
         spec.check(self.columns, "a GPTQ layer")
         cols, maxq, dev = self.columns, spec.maxq, self.W.device
         width, n_groups = spec.group_width(cols), spec.groups(cols)
-        # No tokens: identity H makes GPTQ degenerate to RTN, so unrouted MoE experts still get quantized.
-        H = self.H if self.nsamples > 0 else torch.eye(cols, dtype=torch.float32, device=dev)
-        self.H = None
-        if not torch.isfinite(H).all():
-            raise KananaQuantError("the GPTQ Hessian has NaN/inf entries: the calibration activations overflowed")
-        W = self.W.clone()
-        importance = torch.diag(H).clone()  # before the dead-column fix, so dead columns weigh nothing
-        dead = importance == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
+        W, H, importance = self._take()
 
         if grid is not None:
             fixed = grid(W, importance)
@@ -123,8 +112,7 @@ class GPTQ:
             scales[:, g:g + 1], zeros[:, g:g + 1] = fit_params(w, spec, search, imp)
 
         if static:
-            for g in range(n_groups):
-                fit(g, W[:, g * width:(g + 1) * width])
+            scales, zeros = _static_params(W, spec, importance, search)
 
         perm, W, U = _ordered(W, H, act_order, percdamp)
         del H
@@ -141,7 +129,67 @@ class GPTQ:
         codes, loss = _sweep(W, U, blocksize, column)
         codes = codes[:, torch.argsort(perm)]
         weight = scales.repeat_interleave(width, 1) * (codes - zeros.repeat_interleave(width, 1))
-        return GPTQResult(codes.to(torch.uint8), scales, zeros, weight, loss)
+        return GPTQResult(codes.to(torch.uint8), scales, zeros, weight, float(loss))
+
+    def _take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W, H, diag(H)) ready for a sweep; H is handed over (freed here) since it is the big allocation."""
+        if self.H is None:
+            raise RuntimeError("GPTQ.fasterquant was already called; the Hessian has been freed")
+        # No tokens: identity H makes GPTQ degenerate to RTN, so unrouted MoE experts still get quantized.
+        H = self.H if self.nsamples > 0 else torch.eye(self.columns, dtype=torch.float32, device=self.W.device)
+        self.H = None
+        if not torch.isfinite(H).all():
+            raise KananaQuantError("the GPTQ Hessian has NaN/inf entries: the calibration activations overflowed")
+        W = self.W.clone()
+        importance = torch.diag(H).clone()  # before the dead-column fix, so dead columns weigh nothing
+        dead = importance == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        return W, H, importance
+
+
+def fasterquant_batched(solvers: list[GPTQ], spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
+                        act_order: bool = True, search: bool = True) -> list[GPTQResult]:
+    """Several GPTQ problems of one shape (MoE experts) in a single column sweep: fasterquant's arithmetic with
+    static groups, each problem in its own order and Hessian, but the per-column Python work paid once for all
+    of them instead of once per expert."""
+    shapes = {(g.rows, g.columns) for g in solvers}
+    if len(shapes) != 1:
+        raise ValueError(f"fasterquant_batched needs problems of one shape, got {sorted(shapes)}")
+    cols = solvers[0].columns
+    spec.check(cols, "a GPTQ layer")
+    width = spec.group_width(cols)
+    Ws, Us, perms, scales, zeros = [], [], [], [], []
+    for solver in solvers:
+        W, H, importance = solver._take()
+        s, z = _static_params(W, spec, importance, search)
+        perm, W, U = _ordered(W, H, act_order, percdamp)
+        del H
+        for store, value in zip((Ws, Us, perms, scales, zeros), (W, U, perm, s, z)):
+            store.append(value)
+    W, U, P, S, Z = (torch.stack(v) for v in (Ws, Us, perms, scales, zeros))
+    del Ws, Us
+    group_of, batch = P // width, torch.arange(len(solvers), device=W.device)
+
+    def column(c: int, w: torch.Tensor, _pending):
+        g = group_of[:, c]
+        s, z = S[batch, :, g], Z[batch, :, g]  # [problems, rows]
+        q = quantize(w, s, z, spec.maxq)
+        return q, s * (q - z)
+
+    codes, loss = _sweep(W, U, blocksize, column)
+    codes = torch.gather(codes, 2, torch.argsort(P, dim=1).unsqueeze(1).expand_as(codes))
+    return [GPTQResult(codes[e].to(torch.uint8), S[e], Z[e],
+                       S[e].repeat_interleave(width, 1) * (codes[e] - Z[e].repeat_interleave(width, 1)),
+                       float(loss[e])) for e in range(len(solvers))]
+
+
+def _static_params(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor, search: bool):
+    """Every group's (scale, zero) [rows, groups], fitted up front on the original weights."""
+    width, n_groups = spec.group_width(W.shape[1]), spec.groups(W.shape[1])
+    params = [fit_params(W[:, g * width:(g + 1) * width], spec, search,
+                         importance[g * width:(g + 1) * width] if search else None) for g in range(n_groups)]
+    return torch.cat([p[0] for p in params], 1), torch.cat([p[1] for p in params], 1)
 
 def _on_grid(perm: torch.Tensor, W: torch.Tensor, U: torch.Tensor, grid: ColumnGrid, blocksize: int) -> GPTQResult:
     S, Z = grid.scale[:, perm], grid.zero[:, perm]
@@ -153,7 +201,7 @@ def _on_grid(perm: torch.Tensor, W: torch.Tensor, U: torch.Tensor, grid: ColumnG
 
     codes, loss = _sweep(W, U, blocksize, column)
     codes = codes[:, torch.argsort(perm)]
-    return GPTQResult(codes.to(torch.uint8), grid.scale, grid.zero, grid.scale * (codes - grid.zero), loss)
+    return GPTQResult(codes.to(torch.uint8), grid.scale, grid.zero, grid.scale * (codes - grid.zero), float(loss))
 
 
 def _ordered(W: torch.Tensor, H: torch.Tensor, act_order: bool, percdamp: float):
@@ -165,34 +213,35 @@ def _ordered(W: torch.Tensor, H: torch.Tensor, act_order: bool, percdamp: float)
     return perm, W[:, perm], _hinv_cholesky(H[perm][:, perm], percdamp)
 
 
-def _sweep(W: torch.Tensor, U: torch.Tensor, blocksize: int, column) -> tuple[torch.Tensor, float]:
-    """GPTQ's column sweep over W (in visiting order, updated in place): column(c, w, pending) returns the
-    codes and dequantized values of column c; pending(end) gives columns c..end with every update so far
-    (for grids fitted lazily). Returns (codes, Σ err² / d² / 2)."""
-    cols = W.shape[1]
+def _sweep(W: torch.Tensor, U: torch.Tensor, blocksize: int, column) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column sweep over W [..., rows, cols] (in visiting order, updated in place; leading dims are
+    independent problems, U [..., cols, cols] their upper Cholesky factors of H⁻¹): column(c, w, pending)
+    returns the codes and dequantized values of column c; pending(end) gives columns c..end with every update
+    so far (for grids fitted lazily). Returns (codes, Σ err² / d² / 2 per problem)."""
+    cols = W.shape[-1]
     codes = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    loss = torch.zeros(W.shape[:-2], dtype=torch.float64, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        W1, U1 = W[..., i1:i2].clone(), U[..., i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             c = i1 + i
 
             def pending(end: int, i: int = i, c: int = c) -> torch.Tensor:
                 # the part of the group past this block has not yet received this block's lazy update
-                part = [W1[:, i:min(end, i2) - i1]]
+                part = [W1[..., i:min(end, i2) - i1]]
                 if end > i2:
-                    part.append(W[:, i2:end] - Err1[:, :i] @ U[i1:c, i2:end])
-                return torch.cat(part, 1)
+                    part.append(W[..., i2:end] - Err1[..., :i] @ U[..., i1:c, i2:end])
+                return torch.cat(part, -1)
 
-            w, d = W1[:, i], U1[i, i]
+            w, d = W1[..., i], U1[..., i, i]
             q, dequantized = column(c, w, pending)
-            codes[:, c] = q
-            err = (w - dequantized) / d
-            loss += (err.double() ** 2).sum() / 2
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            codes[..., c] = q
+            err = (w - dequantized) / d.unsqueeze(-1)
+            loss += (err.double() ** 2).sum(-1) / 2
+            W1[..., i:] -= err.unsqueeze(-1) * U1[..., i, i:].unsqueeze(-2)
+            Err1[..., i] = err
         # Lazy batch update: the block's accumulated errors hit the remaining columns in one matmul.
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return codes, float(loss)
+        W[..., i2:] -= Err1 @ U[..., i1:i2, i2:]
+    return codes, loss

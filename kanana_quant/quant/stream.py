@@ -29,11 +29,12 @@ from kanana_quant.layers_torch import TorchLayer, rms_norm
 from kanana_quant.loader import LoadedModel
 from kanana_quant.qcheckpoint import QTensor, QuantFormat, hf_base, packed_specs
 from kanana_quant.quant import awq
-from kanana_quant.quant.gptq import GPTQ
+from kanana_quant.quant.gptq import GPTQ, fasterquant_batched
 from kanana_quant.quant.grid import QuantSpec, quantize_rtn
 from kanana_quant.quant.moe import expert_tokens
 from kanana_quant.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
 
+EXPERT_CHUNK = 8  # experts per batched GPTQ sweep: fewer Python steps per column, bounded Hessian memory
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                 "special_tokens_map.json")
 
@@ -262,16 +263,37 @@ class LayerStream:
         xs = torch.cat([mlp_in(x).reshape(-1, self.cfg.hidden_size) for x in self._batches(src)])
         routed = expert_tokens(layer, xs, self.cfg.moe)
         report.expert_tokens = [r.routed for r in routed]
-        for e, tokens in enumerate(routed):
-            p = f"experts.{e}."
-            xe = xs[tokens.rows]
-            gate = GPTQ(layer.w[p + "gate"])
-            gate.add_batch(xe, tokens.weights)
-            self._solve([gate, self._sharing(layer.w[p + "up"], gate)], [p + "gate", p + "up"], layer, qt, report)
-            down = GPTQ(layer.w[p + "down"])
-            down.add_batch(layer.swiglu_hidden(xe, p), tokens.weights)
-            self._solve([down], [p + "down"], layer, qt, report)
+        for first in range(0, len(routed), EXPERT_CHUNK):
+            chunk = range(first, min(first + EXPERT_CHUNK, len(routed)))
+            prefixes = [f"experts.{e}." for e in chunk]
+            solvers = []
+            for e, p in zip(chunk, prefixes):
+                # gate and up share their input, so one GPTQ over their stacked rows is the same as two
+                solver = GPTQ(torch.cat([layer.w[p + "gate"], layer.w[p + "up"]]))
+                solver.add_batch(xs[routed[e].rows], routed[e].weights)
+                solvers.append(solver)
+            self._solve_stacked(solvers, [[p + "gate", p + "up"] for p in prefixes], layer, qt, report)
+            solvers = []
+            for e, p in zip(chunk, prefixes):
+                solver = GPTQ(layer.w[p + "down"])
+                solver.add_batch(layer.swiglu_hidden(xs[routed[e].rows], p), routed[e].weights)
+                solvers.append(solver)
+            self._solve_stacked(solvers, [[p + "down"] for p in prefixes], layer, qt, report)
         return qt
+
+    def _solve_stacked(self, solvers: list[GPTQ], roles: list[list[str]], layer: TorchLayer, qt: dict,
+                       report: LayerReport) -> None:
+        """Experts in one batched GPTQ sweep; solver k's rows are roles[k]'s weights stacked in order."""
+        results = fasterquant_batched(solvers, self.opts.spec, percdamp=self.opts.damp,
+                                      act_order=self.opts.act_order, search=self.opts.extra.get("search", True))
+        for result, group in zip(results, roles):
+            report.loss += result.loss
+            start = 0
+            for role in group:
+                rows = slice(start, start + layer.w[role].shape[0])
+                start = rows.stop
+                qt[role] = self._qtensor(result.codes[rows], result.scales[rows], result.zeros[rows])
+                self._set(layer, role, qt[role])
 
     def _awq(self, layer: TorchLayer, src: np.memmap, report: LayerReport) -> dict[str, QTensor]:
         """AWQ in AutoAWQ's order: scales searched on the float layer's activations and folded into the
