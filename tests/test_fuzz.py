@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kanana_quant.errors import KananaQuantError
@@ -290,6 +290,9 @@ SAFETENSORS_ENTRY = st.fixed_dictionaries({}, optional={
 
 
 @FUZZ
+@example(entries={"t": {"dtype": [1], "shape": [1], "data_offsets": [0, 4]}}, metadata=None, data_size=4,
+         declared=None)  # found: an unhashable dtype raised TypeError
+@example(entries={}, metadata={"k": [[1]]}, data_size=0, declared=None)
 @given(entries=st.dictionaries(st.text(max_size=10), st.one_of(SAFETENSORS_ENTRY, JSON), max_size=5),
        metadata=st.one_of(st.none(), JSON), data_size=st.integers(0, 96),
        declared=st.one_of(st.none(), st.sampled_from([0, 1, 7, (1 << 64) - 1, 100 << 20, (100 << 20) + 1])))
@@ -362,6 +365,10 @@ def _apply_json_edits(model_dir: Path, edits, replace_text=None) -> None:
 
 
 @FUZZ
+@example(edits=[("config.json", 0, [{}], False)], sharded=False)  # found: unhashable architecture, TypeError
+@example(edits=[("config.json", 6, "32", False)], sharded=False)  # found: int("abc")-style ValueError
+@example(edits=[("config.json", 3, 10 ** 9, False)], sharded=True)  # found: 10^9 tensor names, out of memory
+@example(edits=[("model.safetensors.index.json", 1, "\0.safetensors", False)], sharded=True)  # found: ValueError
 @given(edits=st.lists(EDIT, min_size=1, max_size=3), sharded=st.booleans())
 def test_generated_model_metadata(seeds, tmp_path_factory, edits, sharded):
     model_dir = _copy_model(seeds["sharded" if sharded else "hf"], tmp_path_factory.getbasetemp() / "edited")
@@ -394,6 +401,8 @@ QUANT_KEYS += [["quantization_config", "kanana_quant", k] for k in ("method", "s
 
 
 @FUZZ
+@example(edits=[(8, 1, False)], ops=[])  # found: "kanana_quant": 1 raised AttributeError
+@example(edits=[(2, 0, False)], ops=[])  # group_size 0: a division by zero waiting to happen
 @given(edits=st.lists(st.tuples(st.integers(0, 1000), JSON, st.booleans()), min_size=1, max_size=3),
        ops=st.lists(MUTATION, max_size=2))
 def test_generated_quantized_checkpoints(seeds, tmp_path_factory, edits, ops):
@@ -481,6 +490,11 @@ def join_gguf(kvs, tensor_infos: bytes, n_tensors: int, tensor_data: bytes, alig
 
 
 @FUZZ
+@example(edits=[(0, (8, "a b"), "add")])  # found: a string bos id raised TypeError
+@example(edits=[(7, (10, 1 << 40), "add")])  # found: block_count 2^40 built a list of 10^12 names
+@example(edits=[(8, (9, (4, [1, 2])), "add")])  # found: numeric merges raised AttributeError
+@example(edits=[(9, (4, 7), "add")])  # found: a scalar token_type raised TypeError
+@example(edits=[(4, (9, (8, ["a"])), "add")])  # found: an array as pre-tokenizer name, unhashable
 @given(edits=st.lists(st.tuples(st.integers(0, 1000), GGUF_VALUE, st.sampled_from(["set", "drop", "add"])),
                       min_size=1, max_size=3))
 def test_generated_gguf_metadata(seeds, tmp_path_factory, edits):
@@ -488,7 +502,8 @@ def test_generated_gguf_metadata(seeds, tmp_path_factory, edits):
     kvs, infos, data_offset = split_gguf(data)
     n_tensors = struct.unpack_from("<Q", data, 8)[0]
     extra = ["tokenizer.ggml.bos_token_id", "general.alignment", "llama.rope.scaling.type", "llama.expert_count",
-             "tokenizer.ggml.pre", "llama.rope.scaling.factor", "tokenizer.ggml.add_eos_token"]
+             "tokenizer.ggml.pre", "llama.rope.scaling.factor", "tokenizer.ggml.add_eos_token", "llama.block_count",
+             "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.tokens"]
     for k, (vtype, value), how in edits:
         if how == "drop" and kvs:
             del kvs[k % len(kvs)]
