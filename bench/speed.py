@@ -149,14 +149,19 @@ def decode_bytes(onnx_dir: Path) -> int:
 # Preparing one preset
 
 
-def prepare(preset: str, work: Path, threads: int, grid: str) -> dict:
+def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    stem = f"{preset}-rtn4-g32" + ("" if grid == "sym" else "-asym")
-    src, q4 = work / preset, work / stem
+    name = preset if layers is None else f"{preset}-{layers}L"
+    stem = f"{name}-rtn4-g32" + ("" if grid == "sym" else "-asym")
+    src, q4 = work / name, work / stem
     onnx_dir, gguf = work / f"{stem}-onnx", work / f"{stem}-Q4_0.gguf"
     facts: dict = {}
-    if not src.exists():
+    if not src.exists() and layers is None:
         sh(cli("synth", "--preset", preset, "-o", src), env)
+    elif not src.exists():  # the preset's shapes with fewer decoder layers (labelled in the results)
+        from kanana_quant.synth import preset_config, synth_model
+
+        synth_model(src, {**preset_config(preset), "num_hidden_layers": layers}, dtype="BF16")
     if not q4.exists():
         sh(cli("quantize", src, "-o", q4, "--method", "rtn", "--bits", 4, "--group-size", 32, f"--{grid}",
                "--samples", 1, "--seq-len", 16), env)
@@ -181,10 +186,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="kanana-1.5-2.1b")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", default="speed", help="results file name under bench/results/")
     ap.add_argument("--work", type=Path, default=Path("/work/scratch"))
     ap.add_argument("--engines", default="numpy,onnxruntime,llama.cpp")
     ap.add_argument("--numpy-decode", type=int, default=8)
     ap.add_argument("--numpy-prefill", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="keep only the first N decoder layers of each preset (a quicker, labelled stand-in)")
     ap.add_argument("--grid", default="sym", choices=("sym", "asym"),
                     help="RTN grid: sym is Q4_0's own grid (the GGUF carries the codes exactly); asym skips RTN's "
                          "clipping search, so a 15.7B MoE quantizes in minutes (its GGUF is re-rounded to Q4_0)")
@@ -198,7 +206,9 @@ def main() -> None:
                "models": {}}
     for preset in args.presets.split(","):
         cfg = ModelConfig.preset(preset)
-        facts = prepare(preset, args.work, args.threads, args.grid)
+        facts = prepare(preset, args.work, args.threads, args.grid, args.layers)
+        if args.layers:
+            facts["layers"] = f"first {args.layers} of {cfg.num_layers} decoder layers"
         paths = facts.pop("paths")
         per_token = decode_bytes(paths["onnxruntime"])
         entry = {**facts, "decode_bytes_per_token_gib": round(per_token / 2**30, 3),
@@ -216,9 +226,9 @@ def main() -> None:
             for name, r in entry["engines"].items():
                 r["decode_vs_llama_cpp"] = round(r["decode_tok_s"] / ref["decode_tok_s"], 3)
                 r["prefill_vs_llama_cpp"] = round(r["prefill_tok_s"] / ref["prefill_tok_s"], 3)
-        results["models"][preset] = entry
+        results["models"][preset if args.layers is None else f"{preset}-{args.layers}L"] = entry
     print(json.dumps(results, indent=2))
-    print("saved", save("speed", results))
+    print("saved", save(args.save, results))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     so.intra_op_num_threads = threads or 0  # 0 = onnxruntime's default (one per physical core)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # Idle worker threads sleep instead of spinning: measured on the shared 2-core bench machine (2.1B 4-bit,
+    # 2 threads, other jobs running) decode went from 3.9-5.7 to 7.2-9.0 tokens/s.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
