@@ -132,6 +132,7 @@ class LayerStream:
         if resume:
             raise KananaQuantError(f"{self.work}: nothing to resume (no interrupted run for {self.out})")
         ensure_free_space(self.out.parent, self._estimated_bytes(), f"quantizing into {self.out.name}")
+        self._side_files()
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         if self.opts.calibrated:
@@ -398,21 +399,30 @@ class LayerStream:
         config["quantization_config"] = self.opts.fmt.to_hf()
         if self.opts.fmt.lm_head:
             config["tie_word_embeddings"] = False  # a quantized lm_head is its own tensor; the embedding stays float
-        files = {"config.json": json.dumps(config, indent=2, ensure_ascii=False)}
-        if self.model.path.is_dir():
-            for fname in COPIED_FILES:
-                path = self.model.path / fname
-                if path.is_file():
-                    files[fname] = path.read_text(encoding="utf-8")
-        else:  # a GGUF source carries its tokenizer in metadata
-            files |= self.model.tokenizer.to_files()
-        save_checkpoint(self.out, specs, produce, files)
         reports = (self._state() or {}).get("reports", [])
+        files = {"config.json": json.dumps(config, indent=2, ensure_ascii=False), **self._side_files(),
+                 "quantize_report.json": json.dumps(reports, indent=1)}  # inside the atomic directory
+        save_checkpoint(self.out, specs, produce, files)
         for file in layer_files:
             file.close()
         shutil.rmtree(self.work, ignore_errors=True)
-        (self.out / "quantize_report.json").write_text(json.dumps(reports, indent=1))
         return self.out
+
+    def _side_files(self) -> dict[str, str]:
+        """Tokenizer and generation files copied into the output (read at the start too, so a broken one
+        fails before hours of work, not after)."""
+        if not self.model.path.is_dir():  # a GGUF source carries its tokenizer in metadata
+            return self.model.tokenizer.to_files()
+        files = {}
+        for fname in COPIED_FILES:
+            path = self.model.path / fname
+            if path.is_file():
+                try:
+                    files[fname] = path.read_text(encoding="utf-8")
+                except (UnicodeDecodeError, OSError) as e:
+                    raise KananaQuantError(f"{path}: cannot be read as UTF-8 text ({type(e).__name__}); "
+                                           "fix or remove it") from None
+        return files
 
 
 def prepare(model: LoadedModel, out: Path, opts: QuantOptions, resume: bool = False,
