@@ -226,3 +226,16 @@ def test_cli_export_onnx_then_generate_and_eval(quantized, tmp_path):
     assert result.stdout.splitlines()[-1].startswith("perplexity: ")
     bad = cli("export", "onnx", src, "-o", tmp_path / "bad", "--accuracy-level", 9)
     assert bad.returncode == 2 and "accuracy-level" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_chat_reuses_the_kv_cache_like_the_numpy_runtime(tiny_dense, tmp_path):
+    from kanana_quant.runtimes.generate import ChatSession
+
+    engine = _export(tiny_dense, tmp_path / "onnx")
+    model = open_model(str(tiny_dense))
+    params = SamplingParams(temperature=0.0)
+    ours = ChatSession(engine, model.tokenizer, params, max_tokens=12, system="Be brief.")
+    theirs = ChatSession(NumpyEngine(model.weights), model.tokenizer, params, max_tokens=12, system="Be brief.")
+    for turn in ("안녕하세요!", "Tell me more about Kanana."):
+        assert "".join(ours.reply(turn)) == "".join(theirs.reply(turn))
+    assert ours.cached == theirs.cached and engine.pos == len(ours.cached) > 0
