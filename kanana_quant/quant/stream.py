@@ -23,7 +23,7 @@ import torch
 
 from kanana_quant import names
 from kanana_quant.atomic import atomic_file, ensure_free_space
-from kanana_quant.checkpoint import save_checkpoint
+from kanana_quant.checkpoint import HFCheckpoint, save_checkpoint
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.layers_torch import TorchLayer, rms_norm
 from kanana_quant.loader import LoadedModel
@@ -161,6 +161,7 @@ class LayerStream:
     def run_layer(self, i: int) -> LayerReport:
         t0 = time.perf_counter()
         w = {r: torch.from_numpy(a).to(self.device) for r, a in self.model.weights.layer(i).items()}
+        self._release_source()
         layer = TorchLayer(self.cfg, w, self.opts.seq_len)
         report = LayerReport(i, 0.0)
         if self.opts.fmt.method == "rtn":
@@ -181,6 +182,13 @@ class LayerStream:
         state.setdefault("reports", []).append(asdict(report))
         self._save_state(state)
         return report
+
+    def _release_source(self) -> None:
+        """Unmap the source files once a layer is copied out: mmap'd pages read stay in this process's
+        resident set otherwise, and over 32 layers of a 31 GB MoE that is the whole file (safetensors
+        checkpoints reopen their mmap on the next read; GGUF sources stay mapped)."""
+        if isinstance(self.model.weights, HFCheckpoint):
+            self.model.weights.close()
 
     def _quantized_role(self, role: str) -> bool:
         return self.opts.fmt.quantizes(f"layers.0.{role}")
@@ -387,11 +395,18 @@ class LayerStream:
             specs.append(TensorSpec(self.hf["lm_head"], src.dtype("lm_head"), names.tensor_shape(cfg, "lm_head")))
         canonical = {hf: n for n, hf in self.hf.items()}
 
+        reading = []
+
         def produce(spec: TensorSpec) -> np.ndarray:
+            file = owner.get(spec.name)
+            if reading and reading[-1] is not file:  # tensors come in order: the last file is done with
+                reading.pop().close()
+                self._release_source()
             if spec.name in head:
                 return head[spec.name]
-            if spec.name in owner:
-                file = owner[spec.name]
+            if file is not None:
+                if not reading:
+                    reading.append(file)
                 return file.raw(spec.name) if spec.dtype in ("I32", "F16") else file.get(spec.name)
             return src.get(canonical[spec.name])
 
