@@ -4,6 +4,7 @@ carries exactly), all with the same thread count.
 
     python bench/speed.py [--presets kanana-1.5-2.1b,kanana-1.5-15.7b-a3b] [--threads 2] [--work DIR]
                           [--engines numpy,onnxruntime,llama.cpp] [--numpy-decode 8] [--numpy-prefill 64]
+                          [--repeat 3] [--grid sym|asym] [--layers N] [--save NAME]
 
 Per preset: the float model is synthesised (random weights, bf16) into --work if missing, quantized with RTN
 4-bit group 32 (symmetric = Q4_0's grid by default; --grid asym), exported to ONNX (peak RSS of the export
@@ -91,7 +92,16 @@ def child(engine: str, path: str, threads: int, decode: int, prefill: int, vocab
     prefill_s = time.perf_counter() - t0
     print(json.dumps({"load_s": load, "decode_tokens": decode, "decode_tok_s": decode / decode_s,
                       "prefill_tokens": prefill, "prefill_tok_s": prefill / prefill_s,
-                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                      "peak_rss_gib": peak_rss_gib()}))
+
+
+def peak_rss_gib() -> float:
+    """This process's own high-water RSS (VmHWM starts afresh at exec; ru_maxrss would carry the parent's
+    peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run_engine(engine: str, path: Path, threads: int, decode: int, prefill: int, vocab: int) -> dict:
@@ -159,17 +169,21 @@ def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None
     if not src.exists() and layers is None:
         sh(cli("synth", "--preset", preset, "-o", src), env)
     elif not src.exists():  # the preset's shapes with fewer decoder layers (labelled in the results)
-        from kanana_quant.synth import preset_config, synth_model
-
-        synth_model(src, {**preset_config(preset), "num_hidden_layers": layers}, dtype="BF16")
+        # in a child, so this process stays small: children inherit its peak RSS through fork
+        sh([sys.executable, "-c", "import sys; from kanana_quant.synth import preset_config, synth_model; "
+            "synth_model(sys.argv[1], {**preset_config(sys.argv[2]), 'num_hidden_layers': int(sys.argv[3])}, "
+            "dtype='BF16')", str(src), preset, str(layers)], env)
     if not q4.exists():
         sh(cli("quantize", src, "-o", q4, "--method", "rtn", "--bits", 4, "--group-size", 32, f"--{grid}",
                "--samples", 1, "--seq-len", 16), env)
+    export_facts = work / f"{stem}-onnx.export.json"  # kept beside the export, so reruns report it too
     if not onnx_dir.exists():
         seconds, rss = sh(cli("export", "onnx", q4, "-o", onnx_dir), env)
-        facts["onnx_export"] = {"seconds": round(seconds, 1), "peak_rss_gib": round(rss, 2),
-                                "float_model_gib": round(dir_bytes(src) / 2**30, 2),
-                                "float32_model_gib": round(dir_bytes(src) / 2**30 * 2, 2)}
+        export_facts.write_text(json.dumps({"seconds": round(seconds, 1), "peak_rss_gib": round(rss, 2),
+                                            "float_model_gib": round(dir_bytes(src) / 2**30, 2),
+                                            "float32_model_gib": round(dir_bytes(src) / 2**30 * 2, 2)}))
+    if export_facts.is_file():
+        facts["onnx_export"] = json.loads(export_facts.read_text())
     if not gguf.exists():
         sh(cli("export", "gguf", q4, "-o", gguf, "--type", "Q4_0"), env)
     facts["files_gib"] = {"quantized_checkpoint": round(dir_bytes(q4) / 2**30, 3),
@@ -186,6 +200,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="kanana-1.5-2.1b")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds over the engines (best tokens/s of the rounds is reported, every round listed)")
     ap.add_argument("--save", default="speed", help="results file name under bench/results/")
     ap.add_argument("--work", type=Path, default=Path("/work/scratch"))
     ap.add_argument("--engines", default="numpy,onnxruntime,llama.cpp")
@@ -199,8 +215,7 @@ def main() -> None:
     args = ap.parse_args()
     from kanana_quant.config import ModelConfig
 
-    bandwidth = read_bandwidth_gbs(args.threads)
-    results = {"threads": args.threads, "read_bandwidth_gbs": round(bandwidth, 2),
+    results = {"threads": args.threads,
                "protocol": f"decode: {DECODE} single-token steps after a {PROMPT}-token prompt; prefill: one "
                            f"{PREFILL}-token prompt; random token ids; each engine in its own process",
                "models": {}}
@@ -210,23 +225,39 @@ def main() -> None:
         if args.layers:
             facts["layers"] = f"first {args.layers} of {cfg.num_layers} decoder layers"
         paths = facts.pop("paths")
-        per_token = decode_bytes(paths["onnxruntime"])
-        entry = {**facts, "decode_bytes_per_token_gib": round(per_token / 2**30, 3),
-                 "decode_bound_tok_s": round(bandwidth * 1e9 / per_token, 2), "engines": {}}
-        for engine in args.engines.split(","):
-            decode, prefill = (args.numpy_decode, args.numpy_prefill) if engine == "numpy" else (DECODE, PREFILL)
-            r = run_engine(engine, paths[engine], args.threads, decode, prefill, cfg.vocab_size)
+        entry = {**facts, "decode_bytes": decode_bytes(paths["onnxruntime"]), "engines": {}}
+        runs: dict[str, list[dict]] = {}
+        for round_ in range(args.repeat):  # round-robin, so a busy spell on a shared machine hits every engine
+            for engine in args.engines.split(","):
+                if engine == "numpy" and round_:
+                    continue  # minutes per run, and nowhere near the others
+                decode, prefill = (args.numpy_decode, args.numpy_prefill) if engine == "numpy" else (DECODE, PREFILL)
+                r = run_engine(engine, paths[engine], args.threads, decode, prefill, cfg.vocab_size)
+                print(preset, engine, "round", round_, r, flush=True)
+                runs.setdefault(engine, []).append(r)
+        for engine, results_ in runs.items():
+            r = dict(results_[0])
+            for key in ("decode_tok_s", "prefill_tok_s"):
+                r[key] = max(x[key] for x in results_)
+                r[key.replace("tok_s", "all_runs")] = [round(x[key], 2) for x in results_]
+            r["peak_rss_gib"] = max(x["peak_rss_gib"] for x in results_)
             file_gib = entry["files_gib"][{"numpy": "quantized_checkpoint", "onnxruntime": "onnx",
                                            "llama.cpp": "gguf_q4_0"}[engine]]
             r["rss_over_file"] = round(r["peak_rss_gib"] / file_gib, 2)
             entry["engines"][engine] = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
-            print(preset, engine, entry["engines"][engine], flush=True)
         ref = entry["engines"].get("llama.cpp")
         if ref:
             for name, r in entry["engines"].items():
                 r["decode_vs_llama_cpp"] = round(r["decode_tok_s"] / ref["decode_tok_s"], 3)
                 r["prefill_vs_llama_cpp"] = round(r["prefill_tok_s"] / ref["prefill_tok_s"], 3)
         results["models"][preset if args.layers is None else f"{preset}-{args.layers}L"] = entry
+    # measured last: its 1 GiB array would otherwise raise the peak RSS every later child inherits
+    bandwidth = read_bandwidth_gbs(args.threads)
+    results["read_bandwidth_gbs"] = round(bandwidth, 2)
+    for entry in results["models"].values():
+        per_token = entry.pop("decode_bytes")
+        entry["decode_bytes_per_token_gib"] = round(per_token / 2**30, 3)
+        entry["decode_bound_tok_s"] = round(bandwidth * 1e9 / per_token, 2)
     print(json.dumps(results, indent=2))
     print("saved", save(args.save, results))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from kanana_quant.checkpoint import HFCheckpoint
 from kanana_quant.config import ModelConfig, load_config
 from kanana_quant.errors import KananaQuantError
-from kanana_quant.exporters.onnx_sidecar import OnnxExport, is_onnx_export  # noqa: F401 (is_onnx_export: API)
+from kanana_quant.exporters.onnx_sidecar import OnnxExport, is_onnx_export
 from kanana_quant.hub import resolve_model
 from kanana_quant.qcheckpoint import QuantizedCheckpoint
 from kanana_quant.tokenizer import Tokenizer
