@@ -117,6 +117,11 @@ class HFCheckpoint:
         file, hf = self._locate(name)
         return file.get(hf, dtype)
 
+    def raw(self, name: str) -> np.ndarray:
+        """One tensor as stored (BF16 as uint16 bits): a view of the mapped file, for copying it unchanged."""
+        file, hf = self._locate(name)
+        return file.raw(hf)
+
     def layer(self, index: int, dtype=np.float32) -> dict[str, np.ndarray]:
         """All tensors of decoder layer `index`, keyed by role."""
         return {role: self.get(f"layers.{index}.{role}", dtype) for role in names.layer_roles(self.config)}

@@ -45,7 +45,7 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 
 def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
-        return f32_to_bf16(x)
+        return x if x.dtype == np.uint16 else f32_to_bf16(x)  # uint16: already bf16 bits (a raw copy)
     return np.ascontiguousarray(x, dtype=DTYPES[dtype])
 
 

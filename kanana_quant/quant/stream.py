@@ -9,6 +9,7 @@ so `--resume` continues at the next layer and produces the same bytes as an unin
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -176,6 +177,8 @@ class LayerStream:
             dst.flush()
             del src, dst
         self._write_layer(i, w, qt)
+        del w, layer, qt
+        _return_freed_memory()
         report.seconds = time.perf_counter() - t0
         state = self._state()
         state["done"] = i
@@ -408,7 +411,10 @@ class LayerStream:
                 if not reading:
                     reading.append(file)
                 return file.raw(spec.name) if spec.dtype in ("I32", "F16") else file.get(spec.name)
-            return src.get(canonical[spec.name])
+            name = canonical[spec.name]
+            if hasattr(src, "raw") and spec.dtype == src.dtype(name):
+                return src.raw(name)  # unchanged (embeddings, norm): no float32 copy of a 128K-row table
+            return src.get(name)
 
         config = dict(cfg.raw)
         config["quantization_config"] = self.opts.fmt.to_hf()
@@ -438,6 +444,14 @@ class LayerStream:
                     raise KananaQuantError(f"{path}: cannot be read as UTF-8 text ({type(e).__name__}); "
                                            "fix or remove it") from None
         return files
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps a freed layer's memory for reuse; hand it back so resident memory shows one layer."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def prepare(model: LoadedModel, out: Path, opts: QuantOptions, resume: bool = False,
