@@ -119,18 +119,25 @@ def gguf_section(g: dict) -> list[str]:
     return lines + [""]
 
 
-def speed_section(s: dict) -> list[str]:
-    lines = ["## Speed: decode and prefill per engine", "",
+def speed_section(s: dict, name: str) -> list[str]:
+    lines = [f"## Speed: decode and prefill per engine ({name})", "",
              f"Data: {provenance(s)}, {s.get('threads', '?')} threads per engine. {s.get('protocol', '')}. "
              f"Measured read bandwidth {s.get('read_bandwidth_gbs', '?')} GB/s; the decode bound is the bytes of "
              "weights one token reads divided by it.", "",
+             "Best of the rounds; every round in brackets, since the machine was shared while they ran.", "",
              "| model | engine | decode tok/s | × llama.cpp | prefill tok/s | × llama.cpp | peak RSS GiB | RSS / file |",
              "|---|---|---|---|---|---|---|---|"]
     models = s.get("models", {})
+
+    def rounds(e: dict, key: str) -> str:
+        runs = e.get(f"{key}_all_runs")
+        return f" ({', '.join(f'{r:g}' for r in runs)})" if runs and len(runs) > 1 else ""
+
     for model, m in models.items():
         for engine, e in m.get("engines", {}).items():
-            lines.append(f"| {model} | {engine} | {e.get('decode_tok_s', 0):.2f} | {e.get('decode_vs_llama_cpp', 0):.2f} | "
-                         f"{e.get('prefill_tok_s', 0):.1f} | {e.get('prefill_vs_llama_cpp', 0):.2f} | "
+            lines.append(f"| {model} | {engine} | {e.get('decode_tok_s', 0):.2f}{rounds(e, 'decode')} | "
+                         f"{e.get('decode_vs_llama_cpp', 0):.2f} | {e.get('prefill_tok_s', 0):.1f}"
+                         f"{rounds(e, 'prefill')} | {e.get('prefill_vs_llama_cpp', 0):.2f} | "
                          f"{e.get('peak_rss_gib', 0):.2f} | {e.get('rss_over_file', 0):.2f} |")
         if "decode_bound_tok_s" in m:
             lines.append(f"| {model} | memory-bandwidth bound | {m['decode_bound_tok_s']:.1f} | | | | | |")
@@ -159,7 +166,7 @@ def speed_section(s: dict) -> list[str]:
         fig.suptitle("Engines on Kanana-shaped 4-bit models (random weights)")
         return fig, axes
 
-    return lines + [_figure("speed", [s], draw), ""]
+    return lines + [_figure(name, [s], draw), ""]
 
 
 def cost_section(c: dict) -> list[str]:
@@ -193,8 +200,8 @@ def main() -> None:
         lines += quality_section(quality, gguf_quality)
     if gguf_quality:
         lines += gguf_section(gguf_quality)
-    if speed:
-        lines += speed_section(speed)
+    for path in sorted(RESULTS.glob("speed*.json")):
+        lines += speed_section(json.loads(path.read_text(encoding="utf-8")), path.stem)
     if cost:
         lines += cost_section(cost)
     missing = [n for n, r in zip(("quality", "gguf_quality", "speed", "quant_cost"),
