@@ -60,7 +60,7 @@ class LlamaCppEngine:
             raise KananaQuantError(f"context of {start + len(ids)} tokens exceeds the model's {self.max_seq_len}; "
                                    "shorten the prompt or --max-tokens")
         if all_logits and not self.all_logits:
-            raise KananaQuantError("this llama.cpp engine was opened without all_logits")
+            raise RuntimeError("this llama.cpp engine was opened without all_logits")  # a caller bug
         self.llm.eval(ids)
         if all_logits:
             return np.array(self.llm.scores[start:start + len(ids)], dtype=np.float32)
