@@ -20,7 +20,9 @@ RESULTS = ROOT / "bench" / "results"
 FIGURES = ROOT / "bench" / "figures"
 OUT = ROOT / "BENCHMARKS.md"
 SCRIPTS = ("quality.py", "gguf_quality.py", "speed.py")
-SMOLLM2_WEIGHTS = 134_515_008  # SmolLM2-135M parameters: bits per weight of a GGUF = 8 · bytes / this
+SMOLLM2_WEIGHTS = 134_515_008
+# rows measured before results carried their own calibration (session 1: the bilingual set alone)
+EARLIER_CALIBRATION = "builtin (220 documents, before calib_en.txt), 64 x 512"  # SmolLM2-135M parameters: bits per weight of a GGUF = 8 · bytes / this
 
 
 def load(name: str) -> dict | None:
@@ -58,22 +60,24 @@ def quality_section(q: dict, g: dict | None) -> list[str]:
     float_row = next(r for r in rows if r["bits"] == 16)
     lines = ["## Perplexity vs bits per weight (SmolLM2-135M-Instruct)", "",
              f"Data: {provenance(q)}. {q['windows']} windows × {q['ctx']} tokens of held-out English and "
-             f"Korean; calibration {q['calibration']}. The float model is SmolLM2's Q4_1 GGUF dequantized "
+             f"Korean; calibration per row (the newest run's: {q['calibration']}). The float model is SmolLM2's Q4_1 GGUF dequantized "
              "(its weights sit on a Q4_1 group-32 grid, which flatters block-32 rules); groups are 64 because "
              "128 does not divide its 576-wide rows.", "",
-             "| method | grid | bpw | PPL en | ΔPPL en (× RTN) | PPL ko | ΔPPL ko (× RTN) |", "|---|---|---|---|---|---|---|"]
+             "| method | grid | bpw | PPL en | ΔPPL en (× RTN) | PPL ko | ΔPPL ko (× RTN) | calibration |",
+             "|---|---|---|---|---|---|---|---|"]
     rtn = {}
     for r in rows:
         if r["bits"] == 16:
-            lines.append(f"| float | – | 16 | {r['en']:.2f} | – | {r['ko']:.3f} | – |")
+            lines.append(f"| float | – | 16 | {r['en']:.2f} | – | {r['ko']:.3f} | – | – |")
             continue
         key = r["grid"]
         d_en, d_ko = r["en"] - float_row["en"], r["ko"] - float_row["ko"]
         if r["method"] == "rtn":
             rtn[key] = (d_en, d_ko)
         base = rtn.get(key, (d_en, d_ko))
+        calibration = "–" if r["method"].startswith("rtn") else r.get("calibration", EARLIER_CALIBRATION)
         lines.append(f"| {r['method']} | {key} | {r['bpw']:.4g} | {r['en']:.2f} | {d_en:.2f} ({d_en / base[0]:.2f}) "
-                     f"| {r['ko']:.3f} | {d_ko:.3f} ({d_ko / base[1]:.2f}) |")
+                     f"| {r['ko']:.3f} | {d_ko:.3f} ({d_ko / base[1]:.2f}) | {calibration} |")
     lines.append("")
 
     def draw(plt):
