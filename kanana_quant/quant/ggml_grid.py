@@ -25,7 +25,6 @@ from kanana_quant.quant.grid import fit_params
 # small: every code then dequantizes to the minimum, as in the packed block.
 _TINY_STEP = 1e-20
 LEGACY = {T.Q4_0: (15, 32), T.Q5_0: (31, 32), T.Q8_0: (254, 32)}  # maxq, block; zero = (maxq + 1) // 2
-SUPPORTED = frozenset(LEGACY) | {T.Q4_K, T.Q5_K, T.Q6_K}
 
 
 @dataclass

@@ -74,10 +74,10 @@ class GGUFStream(LayerStream):
     def _solve_stacked(self, solvers, roles, layer, qt, report) -> None:
         """Experts one at a time on their GGUF grids; stacked gate+up rows share one type and split after."""
         for solver, group in zip(solvers, roles):
-            names_ = [f"layers.{self._layer}.{r}" for r in group]
-            qtypes = {tensor_type(self.cfg, n, self.file_type) for n in names_}
+            full = [f"layers.{self._layer}.{r}" for r in group]
+            qtypes = {tensor_type(self.cfg, n, self.file_type) for n in full}
             if len(qtypes) != 1:
-                raise KananaQuantError(f"{', '.join(names_)}: stacked for GPTQ but given different GGUF types")
+                raise KananaQuantError(f"{', '.join(full)}: stacked for GPTQ but given different GGUF types")
             stacked = "+".join(group)
             self._solve([solver], [stacked], layer, qt, report, role_of=group)
 
