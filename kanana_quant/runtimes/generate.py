@@ -6,6 +6,7 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
+from kanana_quant.errors import KananaQuantError
 from kanana_quant.runtimes.sampling import Sampler, SamplingParams
 from kanana_quant.tokenizer import Tokenizer
 
@@ -18,6 +19,17 @@ class Engine(Protocol):
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray: ...
 
     def reset(self) -> None: ...
+
+
+def kv_capacity(length: int, capacity: int, max_seq_len: int, minimum: int = 256) -> int:
+    """The KV-cache length an engine needs for `length` tokens: its current `capacity` if that holds them,
+    else doubled (at least `minimum`, at most the context). Beyond the context it is the user's input."""
+    if length > max_seq_len:
+        raise KananaQuantError(f"context of {length} tokens exceeds the model's {max_seq_len}; "
+                               "shorten the prompt or --max-tokens")
+    if length <= capacity:
+        return capacity
+    return min(max(length, 2 * capacity, minimum), max_seq_len)
 
 
 def generate(engine: Engine, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams,

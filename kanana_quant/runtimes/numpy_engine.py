@@ -13,8 +13,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from kanana_quant.config import ModelConfig
-from kanana_quant.errors import KananaQuantError
 from kanana_quant.rope import rope_frequencies
+from kanana_quant.runtimes.generate import kv_capacity
 
 
 class Linear(Protocol):
@@ -196,12 +196,9 @@ class NumpyEngine:
         self.pos = 0
 
     def _ensure_cache(self, length: int) -> None:
-        if length > self.max_seq_len:
-            raise KananaQuantError(f"context of {length} tokens exceeds the model's {self.max_seq_len}; "
-                                   "shorten the prompt or --max-tokens")
-        if length <= self._cache_len:
+        new_len = kv_capacity(length, self._cache_len, self.max_seq_len)
+        if new_len == self._cache_len:
             return
-        new_len = min(max(length, 2 * self._cache_len, 256), self.max_seq_len)
         cfg = self.config
         shape = (cfg.num_layers, cfg.num_kv_heads, new_len, cfg.head_dim)
         k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from kanana_quant.config import load_config
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.exporters import onnx_sidecar as sc
+from kanana_quant.runtimes.generate import kv_capacity
 
 MIN_CACHE = 256
 
@@ -66,13 +67,10 @@ class OnnxEngine:
         self.pos = 0
 
     def _ensure_cache(self, length: int) -> None:
-        if length > self.max_seq_len:
-            raise KananaQuantError(f"context of {length} tokens exceeds the model's {self.max_seq_len}; "
-                                   "shorten the prompt or --max-tokens")
-        if length <= self._capacity:
+        capacity = kv_capacity(length, self._capacity, self.max_seq_len, MIN_CACHE)
+        if capacity == self._capacity:
             return
         cfg = self.config
-        capacity = min(max(length, 2 * self._capacity, MIN_CACHE), self.max_seq_len)
         shape = (1, cfg.num_kv_heads, capacity, cfg.head_dim)
         keys, values, bound = [], [], []
         for layer in range(cfg.num_layers):
