@@ -9,22 +9,19 @@ import subprocess
 import sys
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-from conftest import SAMPLE_TEXT  # noqa: E402
-from kanana_quant.errors import KananaQuantError  # noqa: E402
-from kanana_quant.exporters import onnx_pack  # noqa: E402
-from kanana_quant.exporters.onnx import export_onnx  # noqa: E402
-from kanana_quant.loader import is_onnx_export, open_model  # noqa: E402
-from kanana_quant.runtimes.generate import generate  # noqa: E402
-from kanana_quant.runtimes.numpy_engine import FloatLinear, NumpyEngine  # noqa: E402
-from kanana_quant.runtimes.onnx_engine import OnnxEngine  # noqa: E402
-from kanana_quant.runtimes.sampling import SamplingParams  # noqa: E402
+from conftest import SAMPLE_TEXT
+from kanana_quant.errors import KananaQuantError
+from kanana_quant.exporters import onnx_pack
+from kanana_quant.exporters.onnx import export_onnx
+from kanana_quant.loader import is_onnx_export, open_model
+from kanana_quant.runtimes.generate import generate
+from kanana_quant.runtimes.numpy_engine import FloatLinear, NumpyEngine
+from kanana_quant.runtimes.onnx_engine import OnnxEngine
+from kanana_quant.runtimes.sampling import SamplingParams
 
 TOL = 1e-3
 IDS = np.random.default_rng(7).integers(0, 1000, 24)
