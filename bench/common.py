@@ -59,3 +59,13 @@ def save(name: str, payload: dict) -> Path:
     tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2, ensure_ascii=False))
     os.replace(tmp, path)
     return path
+
+
+def earlier_rows(name: str, redone, same_setup=lambda old: True) -> list[dict]:
+    """Rows of an earlier bench/results/NAME.json that this run did not redo (`redone(row)` false), so a run
+    that measures only some configurations keeps the others; none if `same_setup(old result)` is false."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text(encoding="utf-8"))
+    return [r for r in old.get("rows", []) if not redone(r)] if same_setup(old) else []

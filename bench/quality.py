@@ -11,7 +11,6 @@ uses our built-in bilingual set; evaluation uses text no method saw (bench/commo
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, heldout_text, save  # noqa: E402
+from common import earlier_rows, heldout_text, save  # noqa: E402
 
 from kanana_quant.calib import builtin_documents  # noqa: E402
 from kanana_quant.eval import perplexity  # noqa: E402
@@ -51,16 +50,11 @@ def evaluate(engine, texts: dict, ctx: int, windows: int) -> dict:
 
 
 def merged(rows: list[dict], args) -> list[dict]:
-    """A run of some methods/grids keeps the earlier rows it did not redo (same windows and context)."""
-    previous = RESULTS / "quality.json"
-    if not previous.is_file():
-        return rows
-    old = json.loads(previous.read_text(encoding="utf-8"))
-    if (old.get("ctx"), old.get("windows")) != (args.ctx, args.windows):
-        return rows
+    """This run's rows plus the earlier ones it did not redo (same windows and context), in table order."""
     redone = {(r["method"], r.get("grid")) for r in rows}
-    kept = [r for r in old["rows"][1:] if (r["method"], r.get("grid")) not in redone]
-    order = {grid: i for i, grid in enumerate(dict.fromkeys(r.get("grid") for r in old["rows"][1:] + rows[1:]))}
+    kept = earlier_rows("quality", lambda r: (r["method"], r.get("grid")) in redone,
+                        lambda old: (old.get("ctx"), old.get("windows")) == (args.ctx, args.windows))
+    order = {grid: i for i, grid in enumerate(dict.fromkeys(r.get("grid") for r in kept + rows[1:]))}
     names = list(METHODS)
     return rows[:1] + sorted(kept + rows[1:], key=lambda r: (order[r.get("grid")], names.index(r["method"])))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, save  # noqa: E402
+from common import earlier_rows, save  # noqa: E402
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
@@ -113,10 +113,8 @@ def main() -> None:
 
 def merged(rows: list[dict]) -> list[dict]:
     """Earlier results for other presets/methods stay: each run measures only the presets it was given."""
-    previous = RESULTS / "quant_cost.json"
-    old = json.loads(previous.read_text())["rows"] if previous.is_file() else []
     new = {(r["preset"], r["method"]) for r in rows}
-    return [r for r in old if (r["preset"], r["method"]) not in new] + rows
+    return earlier_rows("quant_cost", lambda r: (r["preset"], r["method"]) in new) + rows
 
 
 if __name__ == "__main__":

@@ -102,17 +102,17 @@ class GPTQ:
             perm, W, U = _ordered(W, H, act_order, percdamp)
             del H  # a [cols, cols] float32 copy: 0.8 GB for an 8B model's down projection
             return _on_grid(perm, W, U, fixed, blocksize)
-        scales = torch.zeros(self.rows, n_groups, dtype=torch.float32, device=dev)
-        zeros = torch.zeros_like(scales)
         # Act-order visits groups out of order, so it can only keep contiguous groups if they are fitted first.
         static = static_groups or act_order or n_groups == 1
+        if static:
+            scales, zeros = _static_params(W, spec, importance, search)
+        else:  # each group fitted when the sweep reaches it
+            scales = torch.zeros(self.rows, n_groups, dtype=torch.float32, device=dev)
+            zeros = torch.zeros_like(scales)
 
         def fit(g: int, w: torch.Tensor) -> None:
             imp = importance[g * width:(g + 1) * width] if search else None
             scales[:, g:g + 1], zeros[:, g:g + 1] = fit_params(w, spec, search, imp)
-
-        if static:
-            scales, zeros = _static_params(W, spec, importance, search)
 
         perm, W, U = _ordered(W, H, act_order, percdamp)
         del H

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
@@ -19,6 +20,14 @@ class Engine(Protocol):
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray: ...
 
     def reset(self) -> None: ...
+
+
+def thread_budget(threads: int | None) -> int | None:
+    """An engine's thread count: as asked, else OMP_NUM_THREADS (the budget every engine here honours, so
+    benchmarks can pin all of them at once), else None for the engine's own default."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    return threads
 
 
 def kv_capacity(length: int, capacity: int, max_seq_len: int, minimum: int = 256) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.rope import llamacpp_yarn
+from kanana_quant.runtimes.generate import thread_budget
 
 GGML_TYPE_F32 = 0  # KV-cache type: keeps llama.cpp's attention in float32 like our runtimes
 
@@ -29,9 +30,7 @@ class LlamaCppEngine:
         self.max_seq_len = min(max_seq_len or config.max_position_embeddings, config.max_position_embeddings)
         kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv_cache else {}
         kv.update(llamacpp_yarn(config) or {})
-        if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-            threads = int(os.environ["OMP_NUM_THREADS"])  # the thread budget every engine here honours
-        threads = threads or os.cpu_count() or 1
+        threads = thread_budget(threads) or os.cpu_count() or 1
         try:
             self.llm = Llama(model_path=str(path), n_ctx=self.max_seq_len, n_batch=min(self.max_seq_len, 512),
                              n_threads=threads, n_threads_batch=threads, logits_all=all_logits,

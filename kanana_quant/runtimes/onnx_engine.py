@@ -9,7 +9,6 @@ last position only (the graph's `logits_index` input), unless every position's l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import onnxruntime as ort
 from kanana_quant.config import load_config
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.exporters import onnx_sidecar as sc
-from kanana_quant.runtimes.generate import kv_capacity
+from kanana_quant.runtimes.generate import kv_capacity, thread_budget
 
 MIN_CACHE = 256
 
@@ -49,10 +48,8 @@ class OnnxEngine:
         self.config = cfg = load_config(path)
         context = int(self.sidecar["model"].get("context_length") or cfg.max_position_embeddings)
         self.max_seq_len = min(max_seq_len or context, context)
-        if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-            threads = int(os.environ["OMP_NUM_THREADS"])
         try:
-            self.session = ort.InferenceSession(str(path / sc.MODEL_FILE), session_options(threads),
+            self.session = ort.InferenceSession(str(path / sc.MODEL_FILE), session_options(thread_budget(threads)),
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             raise KananaQuantError(f"{path / sc.MODEL_FILE}: onnxruntime cannot load it "
