@@ -96,6 +96,7 @@ def main() -> None:
         n_layers = load_config(src).num_layers
         row = {"preset": preset, "method": args.method, "grid": "4-bit g128 sym",
                "calibration": f"{args.samples} x {args.seq_len} tokens (built-in set)",
+               "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
                "layers_quantized": len(layer_seconds), "layers_total": n_layers,
                "wall_seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
                "mean_layer_seconds": round(sum(layer_seconds) / len(layer_seconds), 1),

@@ -4,11 +4,12 @@ carries exactly), all with the same thread count.
 
     python bench/speed.py [--presets kanana-1.5-2.1b,kanana-1.5-15.7b-a3b] [--threads 2] [--work DIR]
                           [--engines numpy,onnxruntime,llama.cpp] [--numpy-decode 8] [--numpy-prefill 64]
-                          [--repeat 3] [--grid sym|asym] [--layers N] [--save NAME]
+                          [--repeat 3] [--grid sym|asym] [--group 32] [--lm-head auto|q8|q4] [--layers N]
+                          [--checkpoint DIR] [--save NAME]
 
 Per preset: the float model is synthesised (random weights, bf16) into --work if missing, quantized with RTN
-4-bit group 32 (symmetric = Q4_0's grid by default; --grid asym), exported to ONNX (peak RSS of the export
-measured) and to a Q4_0 GGUF.
+4-bit group 32 (symmetric = Q4_0's grid by default; --grid asym, --group G), exported to ONNX (peak RSS of the
+export measured) and to a Q4_0 GGUF. --checkpoint uses an existing quantized checkpoint instead.
 Each engine then runs in its own child process: decode tokens/s = 128 single-token steps after a 32-token
 prompt, prefill tokens/s = one 512-token prompt; peak RSS is the child's. The numpy runtime dequantizes every
 weight on every step, so it runs fewer steps (--numpy-decode / --numpy-prefill; labelled in the results).
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save  # noqa: E402
 
 PROMPT, DECODE, PREFILL = 32, 128, 512
+NOSPIN = "onnxruntime-nospin"
 
 
 def sh(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -107,6 +109,8 @@ def peak_rss_gib() -> float:
 def run_engine(engine: str, path: Path, threads: int, decode: int, prefill: int, vocab: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "OPENBLAS_NUM_THREADS": str(threads)}
+    if engine == NOSPIN:  # onnxruntime with its worker threads sleeping between ops
+        engine, env["KANANA_QUANT_ORT_SPIN"] = "onnxruntime", "0"
     out = subprocess.run([sys.executable, __file__, "--child", engine, str(path), str(threads), str(decode),
                           str(prefill), str(vocab)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -159,14 +163,21 @@ def decode_bytes(onnx_dir: Path) -> int:
 # Preparing one preset
 
 
-def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None) -> dict:
+def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None, group: int = 32,
+            lm_head: str = "auto", checkpoint: Path | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     name = preset if layers is None else f"{preset}-{layers}L"
-    stem = f"{name}-rtn4-g32" + ("" if grid == "sym" else "-asym")
+    stem = f"{name}-rtn4-g{group}" + ("" if grid == "sym" else "-asym")
     src, q4 = work / name, work / stem
-    onnx_dir, gguf = work / f"{stem}-onnx", work / f"{stem}-Q4_0.gguf"
+    if checkpoint is not None:  # an existing quantized checkpoint (e.g. quant_cost.py's GPTQ MoE)
+        src = q4 = checkpoint
+        stem = checkpoint.name
+    head = "" if lm_head == "auto" else f"-head-{lm_head}"
+    onnx_dir, gguf = work / f"{stem}{head}-onnx", work / f"{stem}-Q4_0.gguf"
     facts: dict = {}
-    if not src.exists() and layers is None:
+    if checkpoint is not None:
+        pass
+    elif not src.exists() and layers is None:
         sh(cli("synth", "--preset", preset, "-o", src), env)
     elif not src.exists():  # the preset's shapes with fewer decoder layers (labelled in the results)
         # in a child, so this process stays small: children inherit its peak RSS through fork
@@ -174,11 +185,11 @@ def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None
             "synth_model(sys.argv[1], {**preset_config(sys.argv[2]), 'num_hidden_layers': int(sys.argv[3])}, "
             "dtype='BF16')", str(src), preset, str(layers)], env)
     if not q4.exists():
-        sh(cli("quantize", src, "-o", q4, "--method", "rtn", "--bits", 4, "--group-size", 32, f"--{grid}",
+        sh(cli("quantize", src, "-o", q4, "--method", "rtn", "--bits", 4, "--group-size", group, f"--{grid}",
                "--samples", 1, "--seq-len", 16), env)
-    export_facts = work / f"{stem}-onnx.export.json"  # kept beside the export, so reruns report it too
+    export_facts = work / f"{onnx_dir.name}.export.json"  # kept beside the export, so reruns report it too
     if not onnx_dir.exists():
-        seconds, rss = sh(cli("export", "onnx", q4, "-o", onnx_dir), env)
+        seconds, rss = sh(cli("export", "onnx", q4, "-o", onnx_dir, "--lm-head", lm_head), env)
         export_facts.write_text(json.dumps({"seconds": round(seconds, 1), "peak_rss_gib": round(rss, 2),
                                             "float_model_gib": round(dir_bytes(src) / 2**30, 2),
                                             "float32_model_gib": round(dir_bytes(src) / 2**30 * 2, 2)}))
@@ -188,7 +199,9 @@ def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None
         sh(cli("export", "gguf", q4, "-o", gguf, "--type", "Q4_0"), env)
     facts["files_gib"] = {"quantized_checkpoint": round(dir_bytes(q4) / 2**30, 3),
                           "onnx": round(dir_bytes(onnx_dir) / 2**30, 3), "gguf_q4_0": round(dir_bytes(gguf) / 2**30, 3)}
-    facts["grid"] = f"RTN 4-bit group 32 {grid}"
+    facts["grid"] = (f"RTN 4-bit group {group} {grid}" if checkpoint is None else
+                     json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {}))
+    facts["onnx_lm_head"] = lm_head
     facts["paths"] = {"numpy": q4, "onnxruntime": onnx_dir, "llama.cpp": gguf}
     return facts
 
@@ -204,7 +217,8 @@ def main() -> None:
                     help="rounds over the engines (best tokens/s of the rounds is reported, every round listed)")
     ap.add_argument("--save", default="speed", help="results file name under bench/results/")
     ap.add_argument("--work", type=Path, default=Path("/work/scratch"))
-    ap.add_argument("--engines", default="numpy,onnxruntime,llama.cpp")
+    ap.add_argument("--engines", default="numpy,onnxruntime,llama.cpp",
+                    help=f"comma list of numpy, onnxruntime, {NOSPIN} (KANANA_QUANT_ORT_SPIN=0), llama.cpp")
     ap.add_argument("--numpy-decode", type=int, default=8)
     ap.add_argument("--numpy-prefill", type=int, default=64)
     ap.add_argument("--layers", type=int, default=None,
@@ -212,6 +226,12 @@ def main() -> None:
     ap.add_argument("--grid", default="sym", choices=("sym", "asym"),
                     help="RTN grid: sym is Q4_0's own grid (the GGUF carries the codes exactly); asym skips RTN's "
                          "clipping search, so a 15.7B MoE quantizes in minutes (its GGUF is re-rounded to Q4_0)")
+    ap.add_argument("--group", type=int, default=32,
+                    help="RTN group size of the checkpoint; 32 with --grid sym is exactly Q4_0's grid, other groups "
+                         "are re-rounded to Q4_0 for llama.cpp")
+    ap.add_argument("--lm-head", default="auto", help="the ONNX export's lm_head (export onnx --lm-head)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="use this quantized checkpoint (one preset) instead of synthesising and RTN-quantizing")
     args = ap.parse_args()
     from kanana_quant.config import ModelConfig
 
@@ -221,7 +241,8 @@ def main() -> None:
                "models": {}}
     for preset in args.presets.split(","):
         cfg = ModelConfig.preset(preset)
-        facts = prepare(preset, args.work, args.threads, args.grid, args.layers)
+        facts = prepare(preset, args.work, args.threads, args.grid, args.layers, args.group, args.lm_head,
+                        args.checkpoint)
         if args.layers:
             facts["layers"] = f"first {args.layers} of {cfg.num_layers} decoder layers"
         paths = facts.pop("paths")
@@ -232,7 +253,8 @@ def main() -> None:
                 if engine == "numpy" and round_:
                     continue  # minutes per run, and nowhere near the others
                 decode, prefill = (args.numpy_decode, args.numpy_prefill) if engine == "numpy" else (DECODE, PREFILL)
-                r = run_engine(engine, paths[engine], args.threads, decode, prefill, cfg.vocab_size)
+                path = paths["onnxruntime" if engine == NOSPIN else engine]
+                r = run_engine(engine, path, args.threads, decode, prefill, cfg.vocab_size)
                 print(preset, engine, "round", round_, r, flush=True)
                 runs.setdefault(engine, []).append(r)
         for engine, results_ in runs.items():
@@ -241,7 +263,7 @@ def main() -> None:
                 r[key] = max(x[key] for x in results_)
                 r[key.replace("tok_s", "all_runs")] = [round(x[key], 2) for x in results_]
             r["peak_rss_gib"] = max(x["peak_rss_gib"] for x in results_)
-            file_gib = entry["files_gib"][{"numpy": "quantized_checkpoint", "onnxruntime": "onnx",
+            file_gib = entry["files_gib"][{"numpy": "quantized_checkpoint", "onnxruntime": "onnx", NOSPIN: "onnx",
                                            "llama.cpp": "gguf_q4_0"}[engine]]
             r["rss_over_file"] = round(r["peak_rss_gib"] / file_gib, 2)
             entry["engines"][engine] = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}

@@ -24,7 +24,7 @@ from kanana_quant.errors import KananaQuantError
 
 F32 = 4
 BATCH = 8  # QuantOptions.batch: calibration sequences per forward batch
-AWQ_TOKENS = 4096  # QuantOptions.extra["awq_tokens"] default in quant/stream.py
+AWQ_TOKENS = 4096  # calibration tokens the AWQ scale search reads per layer (QuantOptions.extra["awq_tokens"])
 RAM_HEADROOM = 0.9  # plan on at most this share of the available RAM
 GGUF_METADATA_BYTES = 16 << 20  # tokenizer and hyperparameters, over-estimated
 

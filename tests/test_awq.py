@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kanana_quant.quant import awq
 from kanana_quant.quant.awq import awq_quantize_group, fold_scales, search_clip, search_scales
 from kanana_quant.quant.grid import QuantSpec, dequantize, quantize_rtn
 
@@ -162,3 +163,13 @@ def test_degenerate_inputs_stay_finite():
         assert torch.isfinite(g).all()
     assert torch.equal(search_clip(x, zeros, QuantSpec(3, 128, False)), zeros)
     assert torch.isfinite(search_scales(torch.zeros(10, 256), [zeros], spec)).all()
+
+
+@pytest.mark.parametrize("available, tokens, seq_len, want", [
+    (32, 4096, 512, [0, 4, 9, 13, 18, 22, 27, 31]),  # 8 of 32, first and last included
+    (4, 4096, 512, [0, 1, 2, 3]),                     # fewer than wanted: all of them
+    (10, 100, 512, [0]),                              # one sequence is enough
+    (128, 2048, 512, [0, 42, 85, 127]),
+])
+def test_search_reads_sequences_spread_over_the_calibration_set(available, tokens, seq_len, want):
+    assert awq.search_sequences(available, tokens, seq_len) == want

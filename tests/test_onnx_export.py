@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -178,6 +179,16 @@ def test_accuracy_level_4_and_quantized_lm_head(quantized, tmp_path):
     oracle.lm_head = FloatLinear(oracle.embed)
     oracle.reset()
     assert _logits_diff(OnnxEngine(tmp_path / "q4", threads=1), oracle) <= TOL
+    # ...but from its own copy: onnxruntime keeps an initializer that another node still reads resident
+    # beside the MatMulNBits repacking of it, so a shared table would sit in RAM twice.
+    graph = onnx.load(str(tmp_path / "q4" / "model.onnx"), load_external_data=False).graph
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    head = next(n for n in graph.node if n.name == "lm_head/MatMulNBits")
+    assert readers[head.input[1]] == ["MatMulNBits"]
+    assert "GatherBlockQuantized" in {op for ops in readers.values() for op in ops}
 
 
 def test_export_dir_opens_as_a_model_and_errors_are_one_line(tiny_dense, tmp_path):

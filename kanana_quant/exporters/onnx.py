@@ -287,12 +287,15 @@ class _Exporter:
 
     def embedding(self) -> tuple[str | onnx_pack.NBits, str]:
         """(the table the lm_head may share, token embeddings [1, S, H]). A tied model with a q8/q4 lm_head
-        gathers from the lm_head's own codes (GatherBlockQuantized on the same initializer, stored once)."""
+        gathers from the same codes as the lm_head (GatherBlockQuantized), but from its own copy of them:
+        onnxruntime repacks MatMulNBits weights at load and frees the original only when no other node reads
+        it, so one shared initializer would stay resident twice. A private copy costs its size on disk and
+        only the rows actually gathered in RAM (it is memory-mapped)."""
         cfg, g = self.cfg, self.g
         if cfg.tie_word_embeddings and self.lm_head_kind() in ("q8", "q4"):
             nb = onnx_pack.quantize_rtn(self.weights.get("embed"), 8 if self.lm_head_kind() == "q8" else 4)
             if nb.zeros is None:
-                codes = g.const("lm_head.qweight", nb.packed)
+                codes = g.const("embed_tokens.qweight", nb.packed)
                 rows = g.one("GatherBlockQuantized", [codes, sc.INPUT_IDS, g.const("embed_tokens.scales",
                              nb.scales[..., None])], domain=MS, name="embed_tokens/GatherBlockQuantized",
                              bits=nb.bits, block_size=nb.block, quantize_axis=2, gather_axis=0)
@@ -308,7 +311,8 @@ class _Exporter:
             return self.linear(x, ["lm_head"], "lm_head")
         if isinstance(embed, onnx_pack.NBits):  # tied, quantized: the codes the embedding gathers from
             self.g.kinds["MatMulNBits"] = self.g.kinds.get("MatMulNBits", 0) + 1
-            return self.g.one("MatMulNBits", [x, "lm_head.qweight", self.g.const("lm_head.scales", embed.scales)],
+            codes = self.g.const("lm_head.qweight", embed.packed)
+            return self.g.one("MatMulNBits", [x, codes, self.g.const("lm_head.scales", embed.scales)],
                               domain=MS, name="lm_head/MatMulNBits", K=cfg.hidden_size, N=cfg.vocab_size,
                               bits=embed.bits, block_size=embed.block, accuracy_level=self.opts.accuracy_level)
         if kind in ("q8", "q4"):

@@ -18,6 +18,7 @@ AWQ skips clipping q and k, whose error is amplified by the q·k product that a 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -39,6 +40,15 @@ def _subsample(x: torch.Tensor, n: int) -> torch.Tensor:
     """Evenly strided tokens: calibration batches are concatenated sequences, so a stride spans them all."""
     x = x.reshape(-1, x.shape[-1])
     return x if x.shape[0] <= n else x[torch.linspace(0, x.shape[0] - 1, n).long()]
+
+
+def search_sequences(available: int, tokens: int, seq_len: int) -> list[int]:
+    """Indices of the calibration sequences the scale search reads: enough for `tokens`, spread evenly over
+    all `available` ones. The calibration set is drawn document by document, so the first few sequences can
+    be all one language or genre; measured on SmolLM2 (4-bit g64, 8 of 32 sequences), taking the first eight
+    left English ΔPPL at 0.91x RTN's and spreading them brought it to 0.67x."""
+    wanted = min(available, max(1, math.ceil(tokens / seq_len)))
+    return sorted({round(i * (available - 1) / max(1, wanted - 1)) for i in range(wanted)})
 
 
 def _linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:

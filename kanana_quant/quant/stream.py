@@ -32,6 +32,7 @@ from kanana_quant.qcheckpoint import QTensor, QuantFormat, hf_base, packed_specs
 from kanana_quant.quant import awq
 from kanana_quant.quant.gptq import GPTQ, fasterquant_batched
 from kanana_quant.quant.grid import QuantSpec, quantize_rtn
+from kanana_quant.resources import AWQ_TOKENS
 from kanana_quant.quant.moe import expert_tokens
 from kanana_quant.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
 
@@ -313,8 +314,8 @@ class LayerStream:
         on its scaled input and rounded. MoE experts get their own up → down scales on their routed
         tokens; their gate/up share the norm with the router, so they get clipping only."""
         w, spec, hidden_size = layer.w, self.opts.spec, self.cfg.hidden_size
-        n_seq = max(1, math.ceil(self.opts.extra.get("awq_tokens", 4096) / self.opts.seq_len))
-        seqs = torch.from_numpy(np.array(src[:n_seq])).to(self.device)  # whole sequences: attention needs them
+        pick = awq.search_sequences(src.shape[0], self.opts.extra.get("awq_tokens", AWQ_TOKENS), self.opts.seq_len)
+        seqs = torch.from_numpy(np.array(src[pick])).to(self.device)  # whole sequences: attention needs them
         self.on_stage("scales")
         x_attn = layer.attention_input(seqs).reshape(-1, hidden_size)
         s = awq.search_scales(x_attn, [w["q"], w["k"], w["v"]], spec)

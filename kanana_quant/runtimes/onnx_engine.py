@@ -9,6 +9,7 @@ last position only (the graph's `logits_index` input), unless every position's l
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from kanana_quant.exporters import onnx_sidecar as sc
 from kanana_quant.runtimes.generate import kv_capacity, thread_budget
 
 MIN_CACHE = 256
+SPIN_ENV = "KANANA_QUANT_ORT_SPIN"
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -29,9 +31,11 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     so.intra_op_num_threads = threads or 0  # 0 = onnxruntime's default (one per physical core)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    # Idle worker threads sleep instead of spinning: measured on the shared 2-core bench machine (2.1B 4-bit,
-    # 2 threads, other jobs running) decode went from 3.9-5.7 to 7.2-9.0 tokens/s.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Worker threads spin between ops by default (as llama.cpp's do): decode runs hundreds of small ops per
+    # token, and waking sleeping threads for each costs more than the ops on an idle machine. On a machine
+    # whose cores are busy with other work spinning steals their time instead; KANANA_QUANT_ORT_SPIN=0 turns
+    # it off (measured: bench/speed.py --spin).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0" if os.environ.get(SPIN_ENV) == "0" else "1")
     return so
 
 
