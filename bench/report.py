@@ -146,6 +146,15 @@ def speed_section(s: dict, name: str) -> list[str]:
         if "decode_bound_tok_s" in m:
             lines.append(f"| {model} | memory-bandwidth bound | {m['decode_bound_tok_s']:.1f} | | | | | |")
     lines.append("")
+    for model, m in models.items():
+        files = ", ".join(f"{k} {v} GiB" for k, v in m.get("files_gib", {}).items())
+        grid = m.get("grid", "?")
+        grid = grid if isinstance(grid, str) else ", ".join(f"{k} {v}" for k, v in grid.items()
+                                                           if k in ("quant_method", "bits", "group_size", "sym"))
+        lines.append(f"- {model}: checkpoint {grid}; ONNX lm_head {m.get('onnx_lm_head', 'auto')}; files: {files}; "
+                     f"weights read per decoded token (ONNX) {m.get('decode_bytes_per_token_gib', '?')} GiB"
+                     + (f"; {m['layers']}" if "layers" in m else ""))
+    lines.append("")
     if not models:
         return lines
 
@@ -178,11 +187,13 @@ def cost_section(c: dict) -> list[str]:
              "Random weights of the real shapes (speed and memory do not depend on values); peak RSS of the whole "
              "quantizing process. Runs of fewer layers than the model has extrapolate the total from the mean "
              "layer time.", "",
-             "| preset | method | grid | calibration | layers run | s/layer | total s | peak RSS GiB | source GB | command |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| preset | method | grid | calibration | threads | layers run | s/layer | total s | peak RSS GiB | source GB "
+             "| command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in c["rows"]:
         total = r.get("extrapolated_total_seconds", r["wall_seconds"])
-        lines.append(f"| {r['preset']} | {r['method']} | {r['grid']} | {r['calibration']} | {r['layers_quantized']}"
+        lines.append(f"| {r['preset']} | {r['method']} | {r['grid']} | {r['calibration']} | {r.get('threads', '2')} "
+                     f"| {r['layers_quantized']}"
                      f"/{r['layers_total']} | {r['mean_layer_seconds']:.0f} | {total:.0f} | {r['peak_rss_gib']} | "
                      f"{r['source_gb']} | `{r.get('command', c['machine'].get('command', '?'))}` "
                      f"({r.get('date', c['machine'].get('date', '?'))}) |")
