@@ -153,7 +153,9 @@ def speed_section(s: dict, name: str) -> list[str]:
                                                            if k in ("quant_method", "bits", "group_size", "sym"))
         lines.append(f"- {model}: checkpoint {grid}; ONNX lm_head {m.get('onnx_lm_head', 'auto')}; files: {files}; "
                      f"weights read per decoded token (ONNX) {m.get('decode_bytes_per_token_gib', '?')} GiB"
-                     + (f"; {m['layers']}" if "layers" in m else ""))
+                     + (f"; {m['layers']}" if "layers" in m else "")
+                     + (f"; ONNX export {m['onnx_export']['seconds']} s at peak RSS {m['onnx_export']['peak_rss_gib']} GiB"
+                        if "onnx_export" in m else ""))
     lines.append("")
     if not models:
         return lines

@@ -190,9 +190,10 @@ def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None
     export_facts = work / f"{onnx_dir.name}.export.json"  # kept beside the export, so reruns report it too
     if not onnx_dir.exists():
         seconds, rss = sh(cli("export", "onnx", q4, "-o", onnx_dir, "--lm-head", lm_head), env)
-        export_facts.write_text(json.dumps({"seconds": round(seconds, 1), "peak_rss_gib": round(rss, 2),
-                                            "float_model_gib": round(dir_bytes(src) / 2**30, 2),
-                                            "float32_model_gib": round(dir_bytes(src) / 2**30 * 2, 2)}))
+        sizes = ({"quantized_checkpoint_gib": round(dir_bytes(src) / 2**30, 2)} if checkpoint is not None else
+                 {"float_model_gib": round(dir_bytes(src) / 2**30, 2),
+                  "float32_model_gib": round(dir_bytes(src) / 2**30 * 2, 2)})
+        export_facts.write_text(json.dumps({"seconds": round(seconds, 1), "peak_rss_gib": round(rss, 2), **sizes}))
     if export_facts.is_file():
         facts["onnx_export"] = json.loads(export_facts.read_text())
     if not gguf.exists():

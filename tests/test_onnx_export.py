@@ -186,8 +186,9 @@ def test_accuracy_level_4_and_quantized_lm_head(quantized, tmp_path):
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node.op_type)
-    head = next(n for n in graph.node if n.name == "lm_head/MatMulNBits")
-    assert readers[head.input[1]] == ["MatMulNBits"]
+    heads = [n for n in graph.node if n.name.startswith("lm_head.") and n.op_type == "MatMulNBits"]
+    assert len(heads) > 1  # row slices: onnxruntime holds one slice twice while repacking, not the whole head
+    assert all(readers[head.input[1]] == ["MatMulNBits"] for head in heads)
     assert "GatherBlockQuantized" in {op for ops in readers.values() for op in ops}
 
 

@@ -40,6 +40,9 @@ OPSET = 21
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 LM_HEAD_CHOICES = ("auto", "float", "q8", "q4")
 _ALIGN_LARGE = 4096  # page-aligned offsets for big tensors, so onnxruntime can map them
+# onnxruntime repacks each MatMulNBits weight at load and frees the original afterwards, so for a moment one
+# weight is held twice. The lm_head is the largest (128K rows); as row slices that moment costs a slice.
+LM_HEAD_SLICES = 8
 _INLINE_BYTES = 1024
 
 
@@ -142,6 +145,17 @@ class _Exporter:
         self.g.kinds["MatMulNBits"] = self.g.kinds.get("MatMulNBits", 0) + 1
         return self.g.one("MatMulNBits", inputs, domain=MS, name=prefix + "/MatMulNBits", K=k, N=n, bits=nb.bits,
                           block_size=nb.block, accuracy_level=self.opts.accuracy_level)
+
+    def _sliced_head(self, x: str, nb: onnx_pack.NBits) -> str:
+        """The lm_head as LM_HEAD_SLICES MatMulNBits over row ranges, concatenated into [1, N, vocab]."""
+        n = nb.shape[0]
+        bounds = np.linspace(0, n, min(LM_HEAD_SLICES, n) + 1).astype(int)
+        parts = []
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            part = onnx_pack.NBits(nb.packed[a:b], nb.scales[a:b], None if nb.zeros is None else nb.zeros[a:b],
+                                   nb.bits, nb.block)
+            parts.append(self._matmul_nbits(x, part, f"lm_head.{i}"))
+        return self.g.one("Concat", parts, name="lm_head/Concat", axis=-1)
 
     def _float_matmul(self, x: str, w: np.ndarray, prefix: str) -> str:
         self.g.kinds["MatMul"] = self.g.kinds.get("MatMul", 0) + 1
@@ -310,14 +324,9 @@ class _Exporter:
         if kind == "carried":
             return self.linear(x, ["lm_head"], "lm_head")
         if isinstance(embed, onnx_pack.NBits):  # tied, quantized: the codes the embedding gathers from
-            self.g.kinds["MatMulNBits"] = self.g.kinds.get("MatMulNBits", 0) + 1
-            codes = self.g.const("lm_head.qweight", embed.packed)
-            return self.g.one("MatMulNBits", [x, codes, self.g.const("lm_head.scales", embed.scales)],
-                              domain=MS, name="lm_head/MatMulNBits", K=cfg.hidden_size, N=cfg.vocab_size,
-                              bits=embed.bits, block_size=embed.block, accuracy_level=self.opts.accuracy_level)
+            return self._sliced_head(x, embed)
         if kind in ("q8", "q4"):
-            nb = onnx_pack.quantize_rtn(self.weights.get(source), 8 if kind == "q8" else 4)
-            return self._matmul_nbits(x, nb, "lm_head")
+            return self._sliced_head(x, onnx_pack.quantize_rtn(self.weights.get(source), 8 if kind == "q8" else 4))
         if cfg.tie_word_embeddings:  # float: Gemm with transB on the embedding table itself (stored once)
             flat = self.g.one("Reshape", [x, self.g.shape_const([-1, cfg.hidden_size])])
             logits = self.g.one("Gemm", [flat, embed], name="lm_head/Gemm", transB=1)
