@@ -32,8 +32,8 @@ from kanana_quant.qcheckpoint import QTensor, QuantFormat, hf_base, packed_specs
 from kanana_quant.quant import awq
 from kanana_quant.quant.gptq import GPTQ, fasterquant_batched
 from kanana_quant.quant.grid import QuantSpec, quantize_rtn
-from kanana_quant.resources import AWQ_TOKENS
 from kanana_quant.quant.moe import expert_tokens
+from kanana_quant.resources import AWQ_TOKENS
 from kanana_quant.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
 
 EXPERT_CHUNK = 8  # experts per batched GPTQ sweep: fewer Python steps per column, bounded Hessian memory
