@@ -163,21 +163,11 @@ def decode_bytes(onnx_dir: Path) -> int:
 # Preparing one preset
 
 
-def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None, group: int = 32,
-            lm_head: str = "auto", checkpoint: Path | None = None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def rtn_checkpoint(preset: str, work: Path, layers: int | None, group: int, grid: str, env: dict) -> tuple[Path, Path]:
+    """(float source, RTN 4-bit checkpoint) of a preset, synthesised and quantized into `work` if missing."""
     name = preset if layers is None else f"{preset}-{layers}L"
-    stem = f"{name}-rtn4-g{group}" + ("" if grid == "sym" else "-asym")
-    src, q4 = work / name, work / stem
-    if checkpoint is not None:  # an existing quantized checkpoint (e.g. quant_cost.py's GPTQ MoE)
-        src = q4 = checkpoint
-        stem = checkpoint.name
-    head = "" if lm_head == "auto" else f"-head-{lm_head}"
-    onnx_dir, gguf = work / f"{stem}{head}-onnx", work / f"{stem}-Q4_0.gguf"
-    facts: dict = {}
-    if checkpoint is not None:
-        pass
-    elif not src.exists() and layers is None:
+    src, q4 = work / name, work / (f"{name}-rtn4-g{group}" + ("" if grid == "sym" else "-asym"))
+    if not src.exists() and layers is None:
         sh(cli("synth", "--preset", preset, "-o", src), env)
     elif not src.exists():  # the preset's shapes with fewer decoder layers (labelled in the results)
         # in a child, so this process stays small: children inherit its peak RSS through fork
@@ -187,21 +177,37 @@ def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None
     if not q4.exists():
         sh(cli("quantize", src, "-o", q4, "--method", "rtn", "--bits", 4, "--group-size", group, f"--{grid}",
                "--samples", 1, "--seq-len", 16), env)
+    return src, q4
+
+
+def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None, group: int = 32,
+            lm_head: str = "auto", checkpoint: Path | None = None) -> dict:
+    """Exports (ONNX, Q4_0 GGUF) of `checkpoint`, or of the preset's RTN checkpoint when it is None."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if checkpoint is None:
+        src, q4 = rtn_checkpoint(preset, work, layers, group, grid, env)
+        source_facts = {"float_model_gib": round(dir_bytes(src) / 2**30, 2),
+                        "float32_model_gib": round(dir_bytes(src) / 2**30 * 2, 2)}
+        grid_facts = f"RTN 4-bit group {group} {grid}"
+    else:  # an existing quantized checkpoint (e.g. quant_cost.py's GPTQ MoE)
+        q4 = checkpoint
+        source_facts = {"quantized_checkpoint_gib": round(dir_bytes(q4) / 2**30, 2)}
+        grid_facts = json.loads((q4 / "config.json").read_text()).get("quantization_config", {})
+    head = "" if lm_head == "auto" else f"-head-{lm_head}"
+    onnx_dir, gguf = work / f"{q4.name}{head}-onnx", work / f"{q4.name}-Q4_0.gguf"
+    facts: dict = {}
     export_facts = work / f"{onnx_dir.name}.export.json"  # kept beside the export, so reruns report it too
     if not onnx_dir.exists():
         seconds, rss = sh(cli("export", "onnx", q4, "-o", onnx_dir, "--lm-head", lm_head), env)
-        sizes = ({"quantized_checkpoint_gib": round(dir_bytes(src) / 2**30, 2)} if checkpoint is not None else
-                 {"float_model_gib": round(dir_bytes(src) / 2**30, 2),
-                  "float32_model_gib": round(dir_bytes(src) / 2**30 * 2, 2)})
-        export_facts.write_text(json.dumps({"seconds": round(seconds, 1), "peak_rss_gib": round(rss, 2), **sizes}))
+        export_facts.write_text(json.dumps({"seconds": round(seconds, 1), "peak_rss_gib": round(rss, 2),
+                                            **source_facts}))
     if export_facts.is_file():
         facts["onnx_export"] = json.loads(export_facts.read_text())
     if not gguf.exists():
         sh(cli("export", "gguf", q4, "-o", gguf, "--type", "Q4_0"), env)
     facts["files_gib"] = {"quantized_checkpoint": round(dir_bytes(q4) / 2**30, 3),
                           "onnx": round(dir_bytes(onnx_dir) / 2**30, 3), "gguf_q4_0": round(dir_bytes(gguf) / 2**30, 3)}
-    facts["grid"] = (f"RTN 4-bit group {group} {grid}" if checkpoint is None else
-                     json.loads((checkpoint / "config.json").read_text()).get("quantization_config", {}))
+    facts["grid"] = grid_facts
     facts["onnx_lm_head"] = lm_head
     facts["paths"] = {"numpy": q4, "onnxruntime": onnx_dir, "llama.cpp": gguf}
     return facts
