@@ -5,11 +5,12 @@ carries exactly), all with the same thread count.
     python bench/speed.py [--presets kanana-1.5-2.1b,kanana-1.5-15.7b-a3b] [--threads 2] [--work DIR]
                           [--engines numpy,onnxruntime,llama.cpp] [--numpy-decode 8] [--numpy-prefill 64]
                           [--repeat 3] [--grid sym|asym] [--group 32] [--lm-head auto|q8|q4] [--layers N]
-                          [--checkpoint DIR] [--save NAME]
+                          [--checkpoint [PRESET=]DIR ...] [--save NAME]
 
 Per preset: the float model is synthesised (random weights, bf16) into --work if missing, quantized with RTN
 4-bit group 32 (symmetric = Q4_0's grid by default; --grid asym, --group G), exported to ONNX (peak RSS of the
-export measured) and to a Q4_0 GGUF. --checkpoint uses an existing quantized checkpoint instead.
+export measured) and to a Q4_0 GGUF. --checkpoint PRESET=DIR uses an existing quantized checkpoint for that
+preset instead (repeatable, so the dense RTN model and a calibrated MoE run side by side in one run).
 Each engine then runs in its own child process: decode tokens/s = 128 single-token steps after a 32-token
 prompt, prefill tokens/s = one 512-token prompt; peak RSS is the child's. The numpy runtime dequantizes every
 weight on every step, so it runs fewer steps (--numpy-decode / --numpy-prefill; labelled in the results).
@@ -213,6 +214,21 @@ def prepare(preset: str, work: Path, threads: int, grid: str, layers: int | None
     return facts
 
 
+def checkpoint_map(entries: list[str], presets: list[str]) -> dict[str, Path]:
+    """--checkpoint values as {preset: dir}."""
+    out: dict[str, Path] = {}
+    for entry in entries:
+        preset, sep, path = entry.rpartition("=")
+        if not sep:
+            if len(presets) != 1:
+                raise SystemExit(f"--checkpoint {entry}: name its preset (PRESET=DIR) when --presets has several")
+            preset = presets[0]
+        if preset not in presets:
+            raise SystemExit(f"--checkpoint {entry}: {preset} is not in --presets {','.join(presets)}")
+        out[preset] = Path(path)
+    return out
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         engine, path, threads, decode, prefill, vocab = sys.argv[2:8]
@@ -237,19 +253,22 @@ def main() -> None:
                     help="RTN group size of the checkpoint; 32 with --grid sym is exactly Q4_0's grid, other groups "
                          "are re-rounded to Q4_0 for llama.cpp")
     ap.add_argument("--lm-head", default="auto", help="the ONNX export's lm_head (export onnx --lm-head)")
-    ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="use this quantized checkpoint (one preset) instead of synthesising and RTN-quantizing")
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="[PRESET=]DIR",
+                    help="use this quantized checkpoint for PRESET instead of synthesising and RTN-quantizing "
+                         "(repeatable; PRESET= may be left out when --presets names one preset)")
     args = ap.parse_args()
+    presets = args.presets.split(",")
+    checkpoints = checkpoint_map(args.checkpoint, presets)
     from kanana_quant.config import ModelConfig
 
     results = {"threads": args.threads,
                "protocol": f"decode: {DECODE} single-token steps after a {PROMPT}-token prompt; prefill: one "
                            f"{PREFILL}-token prompt; random token ids; each engine in its own process",
                "models": {}}
-    for preset in args.presets.split(","):
+    for preset in presets:
         cfg = ModelConfig.preset(preset)
         facts = prepare(preset, args.work, args.threads, args.grid, args.layers, args.group, args.lm_head,
-                        args.checkpoint)
+                        checkpoints.get(preset))
         if args.layers:
             facts["layers"] = f"first {args.layers} of {cfg.num_layers} decoder layers"
         paths = facts.pop("paths")

@@ -190,6 +190,18 @@ def test_accuracy_level_4_and_quantized_lm_head(quantized, tmp_path):
     assert len(heads) > 1  # row slices: onnxruntime holds one slice twice while repacking, not the whole head
     assert all(readers[head.input[1]] == ["MatMulNBits"] for head in heads)
     assert "GatherBlockQuantized" in {op for ops in readers.values() for op in ops}
+    # q8 lm_head at accuracy 0: exact to its own RTN codes, in the widest block the row length allows
+    export_onnx(model, tmp_path / "q8", accuracy_level=0, lm_head="q8")
+    nb = onnx_pack.quantize_rtn(model.weights.get("embed"), 8)
+    assert nb.block == onnx_pack.head_block(model.config.hidden_size, 8)
+    assert [onnx_pack.head_block(k, 8) for k in (2048, 1792, 4096, 576)] == [256, 256, 256, 64]  # Kanana, SmolLM2
+    graph = onnx.load(str(tmp_path / "q8" / "model.onnx"), load_external_data=False).graph
+    blocks = {a.i for n in graph.node if n.name.startswith("lm_head.") for a in n.attribute if a.name == "block_size"}
+    assert blocks == {nb.block}
+    oracle.embed = onnx_pack.dequantize(nb)
+    oracle.lm_head = FloatLinear(oracle.embed)
+    oracle.reset()
+    assert _logits_diff(OnnxEngine(tmp_path / "q8", threads=1), oracle) <= TOL
 
 
 def test_export_dir_opens_as_a_model_and_errors_are_one_line(tiny_dense, tmp_path):

@@ -100,9 +100,24 @@ def concat_rows(qs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.concatenate([q.zeros for q in qs]))
 
 
-def quantize_rtn(w: np.ndarray, bits: int, block: int = 32) -> NBits:
-    """Symmetric round-to-nearest of a float [N, K] matrix (for a float lm_head asked to be 8- or 4-bit)."""
+# The widest block an lm_head we quantize ourselves gets, per bits. MatMulNBits reads 8-bit codes faster the
+# wider the block (2 threads, a [16032, 2048] head slice, accuracy_level 4: 84-89 µs per million weights at
+# block 32, 65-67 at 128, 62 at 256), and 8 bits lose nothing measurable to a wider block (SmolLM2, RTN 4-bit
+# layers, 24 x 512 held-out tokens: PPL en/ko 40.84/8.497 float head, 40.93/8.493 q8 block 32, 40.87/8.480
+# q8 block 64, its widest). 4-bit codes keep the narrow block for quality.
+HEAD_BLOCKS = {8: 256, 4: 32}
+
+
+def head_block(cols: int, bits: int) -> int:
+    """The widest MatMulNBits block ≤ HEAD_BLOCKS[bits] that divides `cols`."""
+    return max((b for b in (256, *BLOCKS) if b <= HEAD_BLOCKS[bits] and cols % b == 0), default=cols)
+
+
+def quantize_rtn(w: np.ndarray, bits: int, block: int | None = None) -> NBits:
+    """Symmetric round-to-nearest of a float [N, K] matrix (for a float lm_head asked to be 8- or 4-bit), in
+    blocks of `block` inputs (default head_block)."""
     n, k = w.shape
+    block = block or head_block(k, bits)
     if k % block:
         block = block_for(k, -1) or k
     half = 1 << (bits - 1)
