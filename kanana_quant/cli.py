@@ -314,7 +314,8 @@ def export_onnx(
     accuracy_level: int = typer.Option(4, help="MatMulNBits/QMoE accuracy level: 4 = int8 activations (fastest "
                                                "on CPU), 0 = fp32 activations (matches the numpy runtime)."),
     lm_head: str = typer.Option("auto", help="auto (the checkpoint's codes, else 8-bit for quantized sources and "
-                                             "float for float ones), float, q8 or q4."),
+                                             "float for float ones), float, q8 (blocks of up to 256) or q4 "
+                                             "(blocks of 32)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ):
     """Write an onnxruntime decoder (KV cache, GroupQueryAttention, MatMulNBits/QMoE carrying quantized codes
