@@ -89,6 +89,25 @@ def test_matmulnbits_layout_is_what_onnxruntime_reads(bits, group, sym):
     np.testing.assert_allclose(y, x @ weight.T, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bits, k, block", [(8, 512, 256), (8, 96, 32), (4, 512, 32)])
+def test_head_quantization_block_runs_in_onnxruntime(bits, k, block):
+    """The lm_head we quantize ourselves: 8-bit in the widest block that divides the row (256 for Kanana's
+    hidden sizes), 4-bit in blocks of 32; what onnxruntime computes from it is x · dequantize(codes)ᵀ."""
+    rng = np.random.default_rng(k + bits)
+    w = rng.standard_normal((40, k)).astype(np.float32)
+    nb = onnx_pack.quantize_rtn(w, bits)
+    assert nb.block == block and nb.zeros is None
+    weight = onnx_pack.dequantize(nb)
+    assert np.abs(weight - w).max() < (0.02 if bits == 8 else 0.5)
+    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=40, bits=bits,
+                            block_size=nb.block, accuracy_level=0)
+    sess = _session(node, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                    [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 40])],
+                    [numpy_helper.from_array(nb.packed, "B"), numpy_helper.from_array(nb.scales, "S")])
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"A": x})[0], x @ weight.T, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["dense-tied", "dense-untied-yarn", "dense-llama3-rope", "moe-mixtral", "moe-qwen",
                                      "moe-qwen-no-renorm"])
 def test_float_export_matches_numpy_runtime(model_dirs, tmp_path, variant):

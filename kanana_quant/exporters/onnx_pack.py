@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCKS = (128, 64, 32, 16)
+BLOCKS = (256, 128, 64, 32, 16)
 
 
 @dataclass
@@ -110,7 +110,7 @@ HEAD_BLOCKS = {8: 256, 4: 32}
 
 def head_block(cols: int, bits: int) -> int:
     """The widest MatMulNBits block ≤ HEAD_BLOCKS[bits] that divides `cols`."""
-    return max((b for b in (256, *BLOCKS) if b <= HEAD_BLOCKS[bits] and cols % b == 0), default=cols)
+    return max((b for b in BLOCKS if b <= HEAD_BLOCKS[bits] and cols % b == 0), default=cols)
 
 
 def quantize_rtn(w: np.ndarray, bits: int, block: int | None = None) -> NBits:
