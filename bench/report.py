@@ -127,8 +127,9 @@ def speed_section(s: dict, name: str) -> list[str]:
     lines = [f"## Speed: decode and prefill per engine ({name})", "",
              f"Data: {provenance(s)}, {s.get('threads', '?')} threads per engine. {s.get('protocol', '')}. "
              f"Measured read bandwidth {s.get('read_bandwidth_gbs', '?')} GB/s; the decode bound is the bytes of "
-             "weights one token reads divided by it.", "",
-             "Best of the rounds; every round in brackets, since the machine was shared while they ran.", "",
+             "weights one token reads divided by it." + (f" {s['note']}" if s.get("note") else ""), "",
+             "Best of the rounds, the median after it where recorded, and every round in brackets: single rounds "
+             "on this machine vary by about 15%.", "",
              "| model | engine | decode tok/s | × llama.cpp | prefill tok/s | × llama.cpp | peak RSS GiB | RSS / file |",
              "|---|---|---|---|---|---|---|---|"]
     models = s.get("models", {})
@@ -139,8 +140,10 @@ def speed_section(s: dict, name: str) -> list[str]:
 
     for model, m in models.items():
         for engine, e in m.get("engines", {}).items():
-            lines.append(f"| {model} | {engine} | {e.get('decode_tok_s', 0):.2f}{rounds(e, 'decode')} | "
-                         f"{e.get('decode_vs_llama_cpp', 0):.2f} | {e.get('prefill_tok_s', 0):.1f}"
+            median = (f" / {e['decode_median_tok_s']:.2f}" if "decode_median_tok_s" in e else "")
+            median_x = (f" / {e['decode_median_vs_llama_cpp']:.2f}" if "decode_median_vs_llama_cpp" in e else "")
+            lines.append(f"| {model} | {engine} | {e.get('decode_tok_s', 0):.2f}{median}{rounds(e, 'decode')} | "
+                         f"{e.get('decode_vs_llama_cpp', 0):.2f}{median_x} | {e.get('prefill_tok_s', 0):.1f}"
                          f"{rounds(e, 'prefill')} | {e.get('prefill_vs_llama_cpp', 0):.2f} | "
                          f"{e.get('peak_rss_gib', 0):.2f} | {e.get('rss_over_file', 0):.2f} |")
         if "decode_bound_tok_s" in m:
