@@ -11,8 +11,9 @@ Per preset: the float model is synthesised (random weights, bf16) into --work if
 4-bit group 32 (symmetric = Q4_0's grid by default; --grid asym, --group G), exported to ONNX (peak RSS of the
 export measured) and to a Q4_0 GGUF. --checkpoint PRESET=DIR uses an existing quantized checkpoint for that
 preset instead (repeatable, so the dense RTN model and a calibrated MoE run side by side in one run).
-Each engine then runs in its own child process: decode tokens/s = 128 single-token steps after a 32-token
-prompt, prefill tokens/s = one 512-token prompt; peak RSS is the child's. The numpy runtime dequantizes every
+Each engine then runs in its own child process: after one untimed 512-token prefill as warm-up, decode tokens/s
+= 128 single-token steps after a 32-token prompt, prefill tokens/s = one 512-token prompt; peak RSS is the
+child's. The numpy runtime dequantizes every
 weight on every step, so it runs fewer steps (--numpy-decode / --numpy-prefill; labelled in the results).
 The memory-bandwidth bound is measured read bandwidth / bytes of weights one decode step must read (all
 linears and the lm_head; for MoE the router-selected top-k share of the experts; not the embedding table).
@@ -266,8 +267,9 @@ def main() -> None:
     from kanana_quant.config import ModelConfig
 
     results = {"threads": args.threads,
-               "protocol": f"decode: {DECODE} single-token steps after a {PROMPT}-token prompt; prefill: one "
-                           f"{PREFILL}-token prompt; random token ids; each engine in its own process",
+               "protocol": f"warm-up: one untimed {PREFILL}-token prefill; decode: {DECODE} single-token steps after "
+                           f"a {PROMPT}-token prompt; prefill: one {PREFILL}-token prompt; random token ids; each "
+                           "engine in its own process",
                "models": {}}
     for preset in presets:
         cfg = ModelConfig.preset(preset)

@@ -106,6 +106,14 @@ def test_head_quantization_block_runs_in_onnxruntime(bits, k, block):
                     [numpy_helper.from_array(nb.packed, "B"), numpy_helper.from_array(nb.scales, "S")])
     x = rng.standard_normal((3, k)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {"A": x})[0], x @ weight.T, atol=1e-4, rtol=1e-5)
+    # a tied model's embedding gathers rows of the same codes (as exporters/onnx.py wires it)
+    node = helper.make_node("GatherBlockQuantized", ["B", "I", "S3"], ["R"], domain="com.microsoft", bits=bits,
+                            block_size=nb.block, quantize_axis=2, gather_axis=0)
+    sess = _session(node, [helper.make_tensor_value_info("I", TensorProto.INT64, [None])],
+                    [helper.make_tensor_value_info("R", TensorProto.FLOAT, None)],
+                    [numpy_helper.from_array(nb.packed, "B"), numpy_helper.from_array(nb.scales[..., None], "S3")])
+    rows = np.array([3, 0, 39], np.int64)
+    np.testing.assert_array_equal(sess.run(None, {"I": rows})[0].reshape(3, k), weight[rows])
 
 
 @pytest.mark.parametrize("variant", ["dense-tied", "dense-untied-yarn", "dense-llama3-rope", "moe-mixtral", "moe-qwen",
