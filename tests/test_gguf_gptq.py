@@ -85,3 +85,37 @@ def test_quantize_format_gguf_bad_arguments(tiny_dense, tmp_path, args, message)
     result = cli("quantize", tiny_dense, "-o", tmp_path / "m.gguf", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_final_gguf_export_maps_one_layer_file_at_a_time(model_dirs, tmp_path, monkeypatch):
+    """GGUFStream's last step reads every layer's work file: each is unmapped once the next one is read, so a
+    32-layer model's work files are never resident together."""
+    from kanana_quant.qcheckpoint import QuantFormat
+    from kanana_quant.quant.gguf_stream import GGUFStream
+    from kanana_quant.quant.stream import QuantOptions
+    from kanana_quant.safetensors_io import SafetensorsFile
+
+    mapped, most = set(), [0]
+    buffer, close = SafetensorsFile._buffer, SafetensorsFile.close
+
+    def tracked_buffer(self):
+        if self.path.name.startswith("layer"):
+            mapped.add(self.path)
+            most[0] = max(most[0], len(mapped))
+        return buffer(self)
+
+    def tracked_close(self):
+        mapped.discard(self.path)
+        close(self)
+
+    monkeypatch.setattr(SafetensorsFile, "_buffer", tracked_buffer)
+    monkeypatch.setattr(SafetensorsFile, "close", tracked_close)
+    model = open_model(str(model_dirs("dense-256")))
+    stream = GGUFStream(model, tmp_path / "m.gguf", QuantOptions(QuantFormat("gptq", 4, 32, True), samples=2,
+                                                                 seq_len=16), "Q4_0")
+    for i in range(stream.start(False), model.config.num_layers):
+        stream.run_layer(i)
+    mapped.clear()
+    most[0] = 0
+    stream.finish()
+    assert model.config.num_layers > 1 and most[0] == 1

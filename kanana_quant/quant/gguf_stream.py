@@ -111,11 +111,18 @@ class _StreamedWeights:
 
     def __init__(self, source, layer_files: list[SafetensorsFile], cfg, file_type: str):
         self.source, self.files, self.config, self.file_type = source, layer_files, cfg, file_type
+        self._open: SafetensorsFile | None = None
 
     def _file(self, name: str):
-        if name.startswith("layers."):
-            return self.files[int(name.split(".")[1])]
-        return None
+        if not name.startswith("layers."):
+            return None
+        file = self.files[int(name.split(".")[1])]
+        # The exporter reads layer after layer: unmap the previous layer's file, whose pages read so far would
+        # otherwise stay in this process's resident set until the end (SafetensorsFile remaps on its next read).
+        if self._open is not None and self._open is not file:
+            self._open.close()
+        self._open = file
+        return file
 
     def get(self, name: str, dtype=np.float32) -> np.ndarray:
         file = self._file(name)
