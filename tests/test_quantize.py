@@ -173,3 +173,21 @@ def test_quantize_from_a_gguf_source(tiny_dense, tmp_path):
     assert ("embed" in from_gguf.weights.names and from_gguf.weights.dtype("embed") == "F16")
     reference = open_model(str(gguf_path)).weights.get("layers.0.q")
     assert np.abs(from_gguf.weights.get("layers.0.q") - reference).mean() < 0.15 * np.abs(reference).mean()
+
+
+@pytest.mark.parametrize("method, bits, sym", [("gptq", 3, False), ("awq", 4, False), ("gptq", 8, True),
+                                               ("rtn", 2, False), ("rtn", 4, True)])
+def test_row_blocks_unpack_straight_from_the_file(tiny_dense, tmp_path, method, bits, sym):
+    """The numpy runtime unpacks blocks of output rows from the memory-mapped packed tensors; each block is
+    exactly those rows of the whole tensor, in GPTQ and AWQ layouts (3-bit words span 32 rows)."""
+    ckpt = QuantizedCheckpoint(quantize(tiny_dense, tmp_path / "q", method, bits, sym=sym))
+    for name in ("layers.0.gate", "layers.1.down", "layers.0.k"):
+        whole = ckpt.qtensor(name)
+        out = whole.shape[0]
+        for rows in (slice(0, 32), slice(32, out), slice(64, 96)):
+            block = ckpt.qtensor(name, rows)
+            np.testing.assert_array_equal(block.codes, whole.codes[rows])
+            np.testing.assert_array_equal(block.zeros, whole.zeros[rows])
+            np.testing.assert_array_equal(block.scales, whole.scales[rows])
+    with pytest.raises(ValueError):
+        ckpt.qtensor("layers.0.gate", slice(8, 40))
