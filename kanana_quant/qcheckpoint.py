@@ -134,17 +134,6 @@ class QTensor:
         return cls(codes.astype(np.uint8), scales.astype(np.float32), zeros.astype(np.uint8), bits, group_size)
 
 
-def _output_rows(layout: str, key: str, packed: np.ndarray, start: int, stop: int, bits: int) -> np.ndarray:
-    """Output rows start:stop of one packed tensor: scales hold one column per output row; GPTQ's qweight one
-    column per row and its qzeros `bits` bits per row; AWQ packs 8 rows per int32 column in both."""
-    if key == "g_idx":
-        return packed
-    if key == "scales" or (key == "qweight" and layout != "awq"):
-        return packed[:, start:stop]
-    bits_per_row = 4 if layout == "awq" else bits
-    return packed[:, start * bits_per_row // 32:-(-stop * bits_per_row // 32)]
-
-
 def packed_specs(fmt: QuantFormat, base: str, out_features: int, in_features: int,
                  bits: int | None = None) -> list[TensorSpec]:
     """The tensors a quantized linear [out, in] is stored as, named `{base}.qweight` etc. (`bits`: this
@@ -198,18 +187,15 @@ class QuantizedCheckpoint(HFCheckpoint):
                                        f"group {self.format.group_size}; the checkpoint is corrupt")
 
     def qtensor(self, name: str, rows: slice = slice(None)) -> QTensor:
-        """The tensor's codes, unpacked from the memory-mapped file; `rows` picks a block of output rows (its
-        start a multiple of 32, so every packed word of the block belongs to it alone)."""
+        """The tensor's codes, unpacked from the memory-mapped file; `rows` picks a block of output rows
+        (see packing.output_rows)."""
         base = hf_base(self._hf[name])
         out, cols = names.tensor_shape(self.config, name)
         tensors, bits = {}, self.format.bits_for(name)
-        start, stop, _ = rows.indices(out)
-        if start % 32:
-            raise ValueError(f"{name}: a row block must start at a multiple of 32, not {start}")
         for spec in packed_specs(self.format, base, out, cols, bits):
-            key = spec.name.rsplit(".", 1)[1]
-            tensors[key] = _output_rows(self.format.layout, key, self._file_of(spec.name).raw(spec.name),
-                                        start, stop, bits)
+            tensors[spec.name.rsplit(".", 1)[1]] = self._file_of(spec.name).raw(spec.name)
+        if rows != slice(None):
+            tensors = packing.output_rows(self.format.layout, tensors, bits, *rows.indices(out)[:2])
         return QTensor.unpack(self.format.layout, tensors, bits, self.format.group_size)
 
     def get(self, name: str, dtype=np.float32) -> np.ndarray:

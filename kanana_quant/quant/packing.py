@@ -217,6 +217,25 @@ def unpack_gptq(tensors: dict, bits: int, group_size: int) -> tuple[np.ndarray, 
 # AWQ GEMM
 
 
+def output_rows(layout: str, tensors: dict, bits: int, start: int, stop: int) -> dict:
+    """Output rows start:stop of a packed linear's tensors ("gptq" or "awq" layout), still packed. scales
+    hold one column per output row; GPTQ's qweight one column per row and its qzeros `bits` bits per row; AWQ
+    packs 8 rows per int32 column in both. `start` must be a multiple of 32, the longest packed run (3-bit:
+    32 values in 3 words), so every word of the block belongs to it alone."""
+    if start % 32:
+        raise ValueError(f"a block of output rows must start at a multiple of 32, not {start}")
+    row_bits = 4 if layout == "awq" else bits  # bits per output row in a packed int32 column
+    out = {}
+    for key, packed in tensors.items():
+        if key == "g_idx":  # one entry per input feature
+            out[key] = packed
+        elif key == "scales" or (key == "qweight" and layout != "awq"):
+            out[key] = packed[:, start:stop]
+        else:
+            out[key] = packed[:, start * row_bits // 32:-(-stop * row_bits // 32)]
+    return out
+
+
 def _check_awq_bits(bits: int):
     if bits != 4:
         raise KananaQuantError(f"AWQ GEMM packing supports only 4-bit, got {bits}")
