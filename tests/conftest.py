@@ -54,3 +54,17 @@ def tiny_dense(model_dirs):
 
 SAMPLE_TEXT = ("Kanana is a bilingual model. 카카오의 카나나는 한국어와 영어를 함께 배웠습니다. "
                "It runs offline on a laptop 💻, even 大韓民國 텍스트도 잘 처리해요!")
+
+
+def pytest_report_header(config):
+    """CPU and llama.cpp build in every run's header: the llama.cpp tests run on AMD and on Intel AMX machines."""
+    lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    amx = any(line.startswith("flags") and " amx_int8" in line for line in lines)
+    try:
+        from kanana_quant.runtimes.llamacpp_engine import build_features, load_plan
+
+        build = load_plan(build_features())[1]
+    except ImportError:
+        build = "llama-cpp-python not installed"
+    return [f"cpu: {model} ({'with' if amx else 'no'} AMX)", f"llama.cpp: {build}"]

@@ -4,12 +4,23 @@ written once."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Callable
 
 from kanana_quant.errors import KananaQuantError
 
 ENGINES = ("auto", "numpy", "llama.cpp", "onnxruntime")
+PACKAGES = {"llama.cpp": ("llama_cpp", "llamacpp"), "onnxruntime": ("onnxruntime", "onnx")}  # module, extra
+
+
+def missing_package(engine: str) -> str | None:
+    """Why `engine` cannot run here (its package is not installed), or None."""
+    module, extra = PACKAGES.get(engine, (None, None))
+    if module is None or importlib.util.find_spec(module) is not None:
+        return None
+    return f"--engine {engine} needs the {module} package; install it with `pip install 'kanana-quant[{extra}]'`"
 
 
 def resolve_engine(engine: str, path: Path) -> str:
@@ -34,22 +45,28 @@ def resolve_engine(engine: str, path: Path) -> str:
 
 
 def open_engine(loaded, engine: str = "auto", max_seq_len: int | None = None, threads: int | None = None,
-                on_layer: Callable[[int], None] | None = None, all_logits: bool = False):
+                on_layer: Callable[[int], None] | None = None, all_logits: bool = False, isolated: bool = True):
     """The engine for an opened model. `all_logits` asks llama.cpp to keep every position's logits
-    (perplexity needs them; generation does not)."""
+    (perplexity needs them; generation does not). llama.cpp and onnxruntime run in a child process unless
+    `isolated` is False, so a native crash there is an EngineCrashed error here (POSIX only: elsewhere they
+    run in this process)."""
     engine = resolve_engine(engine, loaded.path)
     if engine == "numpy":
         from kanana_quant.runtimes.numpy_engine import NumpyEngine
 
         return NumpyEngine(loaded.weights, max_seq_len=max_seq_len, on_layer=on_layer)
+    why = missing_package(engine)
+    if why:
+        raise KananaQuantError(why)
+    if isolated and os.name == "posix":
+        from kanana_quant.runtimes.isolated import IsolatedEngine
+
+        return IsolatedEngine(engine, loaded.path, max_seq_len=max_seq_len, threads=threads, all_logits=all_logits)
     if engine == "llama.cpp":
         from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
 
         return LlamaCppEngine(loaded.path, loaded.config, max_seq_len=max_seq_len, threads=threads,
                               all_logits=all_logits)
-    try:
-        from kanana_quant.runtimes.onnx_engine import OnnxEngine
-    except ImportError as exc:
-        raise KananaQuantError(f"--engine onnxruntime needs onnxruntime ({exc}); install it with "
-                               "`pip install 'kanana-quant[onnx]'`") from None
+    from kanana_quant.runtimes.onnx_engine import OnnxEngine
+
     return OnnxEngine(loaded.path, max_seq_len=max_seq_len, threads=threads)

@@ -1,40 +1,97 @@
 """A GGUF file run by real llama.cpp (llama-cpp-python), behind the same Engine interface as the numpy
-runtime, so our sampler, chat loop and perplexity drive it."""
+runtime, so our sampler, chat loop and perplexity drive it.
+
+Which llama.cpp runs matters: llama-cpp-python compiles llama.cpp with -march=native, and on an Intel Xeon
+with AMX that build puts quantized weights into ggml's AMX buffer, whose first decode segfaults (llama.cpp
+issue #20824). README's install line builds without AMX (NO_AMX_FLAGS); CPU repacking, which makes Q4_0 fast,
+stays on. pip reuses a wheel it built earlier whatever the flags say, so the engine checks the build it got
+(`llama_print_system_info`) and, if AMX is compiled in, loads without ggml's extra buffer types: no AMX and no
+repacking, slower but correct.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from kanana_quant.errors import KananaQuantError
+from kanana_quant.progress import log
 from kanana_quant.rope import llamacpp_yarn
 from kanana_quant.runtimes.generate import thread_budget
 
 GGML_TYPE_F32 = 0  # KV-cache type: keeps llama.cpp's attention in float32 like our runtimes
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+REINSTALL = (f'CFLAGS="{NO_AMX_FLAGS}" CXXFLAGS="{NO_AMX_FLAGS}" '
+             "pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python")
+
+
+@lru_cache(maxsize=1)
+def build_features() -> dict[str, str]:
+    """What the installed llama.cpp was compiled with, from its own report ("AMX_INT8 = 1 | REPACK = 1 ...")."""
+    import llama_cpp
+
+    text = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return dict(re.findall(r"(\w+) = (\w+)", text))
+
+
+def load_plan(features: dict[str, str]) -> tuple[bool, str]:
+    """(use ggml's extra buffer types?, the configuration in words) for a build with these features."""
+    repack = features.get("REPACK") == "1"
+    if features.get("AMX_INT8") == "1":
+        return False, ("llama.cpp built with AMX, which crashes on quantized weights (llama.cpp #20824): loading "
+                       "without extra buffer types (no AMX, no CPU repacking; slower). For full speed: " + REINSTALL)
+    return True, f"llama.cpp without AMX, CPU repacking {'on' if repack else 'not built in'}"
+
+
+@contextmanager
+def _model_params(**fields):
+    """Llama() builds its llama_model_params from llama_model_default_params() and exposes no argument for
+    these fields, so the defaults are amended for the duration of one load."""
+    import llama_cpp.llama_cpp as native
+
+    default = native.llama_model_default_params
+
+    def amended():
+        params = default()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    native.llama_model_default_params = amended
+    try:
+        yield
+    finally:
+        native.llama_model_default_params = default
 
 
 class LlamaCppEngine:
     name = "llama.cpp"
 
     def __init__(self, path: Path, config, max_seq_len: int | None = None, threads: int | None = None,
-                 all_logits: bool = False, f32_kv_cache: bool = False):
-        try:
-            from llama_cpp import Llama
-        except ImportError as exc:
-            raise KananaQuantError(f"--engine llama.cpp needs llama-cpp-python ({exc}); install it with "
-                                   "`pip install 'kanana-quant[llamacpp]'`") from None
+                 all_logits: bool = False, f32_kv_cache: bool = False, extra_buffers: bool | None = None):
+        """extra_buffers: load with ggml's extra buffer types (CPU repacking, AMX); None decides from the build."""
+        from llama_cpp import Llama
+
         self.config = config
         self.max_seq_len = min(max_seq_len or config.max_position_embeddings, config.max_position_embeddings)
         kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv_cache else {}
         kv.update(llamacpp_yarn(config) or {})
         threads = thread_budget(threads) or os.cpu_count() or 1
+        extra_bufts, self.configuration = load_plan(build_features())
+        if extra_buffers is not None and extra_buffers != extra_bufts:
+            extra_bufts, self.configuration = extra_buffers, f"llama.cpp with extra buffer types {'on' if extra_buffers else 'off'} (as asked)"
+        log(f"[dim]{self.configuration}[/dim]" if extra_bufts else f"[yellow]{self.configuration}[/yellow]")
         try:
-            self.llm = Llama(model_path=str(path), n_ctx=self.max_seq_len, n_batch=min(self.max_seq_len, 512),
-                             n_threads=threads, n_threads_batch=threads, logits_all=all_logits,
-                             verbose=False, **kv)
+            with _model_params(use_extra_bufts=extra_bufts):
+                self.llm = Llama(model_path=str(path), n_ctx=self.max_seq_len,
+                                 n_batch=min(self.max_seq_len, 512), n_threads=threads, n_threads_batch=threads,
+                                 logits_all=all_logits, verbose=False, **kv)
         except ValueError as exc:  # llama-cpp-python's wording for "llama.cpp refused the file"
             raise KananaQuantError(f"{path}: llama.cpp could not load it ({exc})") from None
         self.all_logits = all_logits

@@ -40,6 +40,12 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
+def describe() -> str:
+    """The onnxruntime configuration engines here run with, in words (for logs and benchmark records)."""
+    spin = "sleeping" if os.environ.get(SPIN_ENV) == "0" else "spinning"
+    return f"onnxruntime {ort.__version__}, CPUExecutionProvider, worker threads {spin} between ops"
+
+
 class OnnxEngine:
     name = "onnxruntime"
 
