@@ -54,7 +54,7 @@ import json, os, sys
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
 import atheris
 with atheris.instrument_imports():
-    from kanana_quant import gguf_reader, safetensors_io, tokenizer
+    from kanana_quant import gguf, safetensors_io, tokenizer
 from kanana_quant.errors import KananaQuantError
 import test_fuzz
 

@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import heldout_text, save  # noqa: E402
 
 from kanana_quant.eval import perplexity  # noqa: E402
-from kanana_quant.exporters.gguf import export_gguf  # noqa: E402
+from kanana_quant.gguf.writer import export_gguf  # noqa: E402
 from kanana_quant.loader import open_model  # noqa: E402
 from kanana_quant.qcheckpoint import QuantFormat  # noqa: E402
-from kanana_quant.quant.gguf_stream import GGUFStream  # noqa: E402
-from kanana_quant.quant.stream import QuantOptions  # noqa: E402
+from kanana_quant.quant.driver import quantize_model  # noqa: E402
+from kanana_quant.quant.gguf_sink import GGUFSink  # noqa: E402
+from kanana_quant.quant.options import QuantOptions  # noqa: E402
 from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine  # noqa: E402
 from kanana_quant.smollm import smollm2_gguf  # noqa: E402
 
@@ -47,11 +48,8 @@ def llamacpp_quantize(src: Path, out: Path, file_type: str) -> Path:
 
 def gptq_gguf(model, out: Path, file_type: str, samples: int, seq_len: int) -> Path:
     opts = QuantOptions(QuantFormat("gptq", 4, 32, True), "builtin", samples, seq_len, seed=0)
-    stream = GGUFStream(model, out, opts, file_type)
-    for i in range(stream.start(resume=False), model.config.num_layers):
-        stream.run_layer(i)
-        print(f"  gptq {file_type} layer {i}", flush=True)
-    return stream.finish()
+    return quantize_model(model, out, opts, sink=GGUFSink(model, out, opts, file_type),
+                          on_layer=lambda r: print(f"  gptq {file_type} layer {r.layer}", flush=True))
 
 
 def score(path: Path, texts: dict, ctx: int) -> dict:

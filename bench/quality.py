@@ -25,7 +25,8 @@ from kanana_quant.calib import builtin_documents  # noqa: E402
 from kanana_quant.eval import perplexity  # noqa: E402
 from kanana_quant.loader import open_checkpoint, open_model  # noqa: E402
 from kanana_quant.qcheckpoint import QuantFormat  # noqa: E402
-from kanana_quant.quant.stream import QuantOptions, quantize_model  # noqa: E402
+from kanana_quant.quant.driver import quantize_model  # noqa: E402
+from kanana_quant.quant.options import QuantOptions  # noqa: E402
 from kanana_quant.runtimes.numpy_engine import NumpyEngine  # noqa: E402
 from kanana_quant.smollm import smollm2_gguf  # noqa: E402
 

@@ -39,23 +39,30 @@ def child(src: str, out: str, method: str, samples: int, seq_len: int, layers: i
     """Quantize the first `layers` layers (all: the whole checkpoint); print per-layer seconds as JSON."""
     from kanana_quant.loader import open_model
     from kanana_quant.qcheckpoint import QuantFormat
-    from kanana_quant.quant.stream import QuantOptions, prepare
+    from kanana_quant.quant.driver import quantize_model
+    from kanana_quant.quant.options import QuantOptions
+    from kanana_quant.quant.workdir import work_path
 
     model = open_model(src)
     opts = QuantOptions(QuantFormat(method, 4, 128, True), samples=samples, seq_len=seq_len)
-    stream, first = prepare(model, Path(out), opts)
     n = model.config.num_layers if layers <= 0 else layers
     seconds = []
-    for i in range(first, n):
-        report = stream.run_layer(i)
+
+    class Enough(Exception):
+        """The layers to time are done: stop before the rest (and the checkpoint)."""
+
+    def on_layer(report) -> None:
         seconds.append(report.seconds)
-        print(f"layer {i}: {report.seconds:.1f} s" + (f", routed tokens per expert {min(report.expert_tokens)}.."
-                                                      f"{max(report.expert_tokens)}" if report.expert_tokens else ""),
-              file=sys.stderr, flush=True)
-    if n == model.config.num_layers:
-        stream.finish()
-    else:
-        shutil.rmtree(stream.work)
+        print(f"layer {report.layer}: {report.seconds:.1f} s" + (
+            f", routed tokens per expert {min(report.expert_tokens)}..{max(report.expert_tokens)}"
+            if report.expert_tokens else ""), file=sys.stderr, flush=True)
+        if len(seconds) == n < model.config.num_layers:
+            raise Enough
+
+    try:
+        quantize_model(model, Path(out), opts, on_layer=on_layer)
+    except Enough:
+        shutil.rmtree(work_path(Path(out)))
     print(json.dumps({"layer_seconds": seconds}))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from kanana_quant.atomic import atomic_dir, ensure_free_space
 from kanana_quant.config import ModelConfig, load_config
 from kanana_quant.errors import KananaQuantError, confined, parse_json, read_text
 from kanana_quant.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
+
+if TYPE_CHECKING:
+    from kanana_quant.qcheckpoint import QuantFormat
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -26,8 +29,10 @@ class HFCheckpoint:
     """A Hugging Face model directory (config.json + safetensors), read lazily through mmap.
 
     Tensors are addressed by canonical name (see names.py); every expected tensor is checked for presence
-    and shape from the headers alone when the checkpoint is opened.
+    and shape from the headers alone when the checkpoint is opened. Implements weights.Weights.
     """
+
+    format: QuantFormat | None = None  # float weights; QuantizedCheckpoint sets its format
 
     def __init__(self, model_dir: str | Path, config: ModelConfig | None = None):
         self.dir = Path(model_dir)

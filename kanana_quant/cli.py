@@ -64,7 +64,7 @@ def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json", he
                                              "expert_intermediate": cfg.moe.expert_intermediate_size,
                                              "norm_topk_prob": cfg.moe.norm_topk_prob,
                                              "naming": cfg.moe.naming},
-        "quantization": getattr(ckpt, "format", None) and ckpt.format.to_hf(),
+        "quantization": ckpt.format.to_hf() if ckpt.format is not None else None,
     }
     if as_json:
         print(json.dumps(facts, indent=2))
@@ -201,36 +201,8 @@ def quantize(
                                                            "Q5_K_M or Q6_K."),
 ):
     """Quantize MODEL one decoder layer at a time into a GPTQ/AWQ-layout checkpoint (or a GGUF file)."""
-    from kanana_quant.qcheckpoint import METHODS, QuantFormat
-    from kanana_quant.quant.grid import QuantSpec
-
-    if method not in METHODS:
-        raise KananaQuantError(f"--method {method!r} is not supported; choose one of: {', '.join(METHODS)}")
     if out_format not in ("hf", "gguf"):
         raise KananaQuantError(f"--format {out_format!r} is not supported; choose hf or gguf")
-    if out_format == "gguf":
-        from kanana_quant.exporters.gguf import file_type_info
-
-        if method != "gptq":
-            raise KananaQuantError("--format gguf runs GPTQ on the GGUF grids: use --method gptq (for RTN, "
-                                   "`kanana-quant export gguf` quantizes as llama-quantize does)")
-        if file_type_info(gguf_type)[0] in ("F32", "F16", "BF16"):
-            raise KananaQuantError(f"--type {gguf_type} is not quantized; GPTQ needs a quantized GGUF type")
-        if out.suffix != ".gguf":
-            raise KananaQuantError(f"--format gguf writes a file: give -o a name ending in .gguf, not {out}")
-    QuantSpec(bits, group_size, sym)  # validates bits and group size before any loading
-    from kanana_quant.qcheckpoint import SUPPORTED_BITS
-
-    if lm_head_bits and lm_head_bits not in SUPPORTED_BITS:
-        raise KananaQuantError(f"--lm-head-bits {lm_head_bits} is not supported; choose 0 (float) or one of "
-                               f"{', '.join(map(str, SUPPORTED_BITS))}")
-    if lm_head_bits and out_format == "gguf":
-        raise KananaQuantError("--lm-head-bits applies to --format hf; in a GGUF, --type decides the output "
-                               "tensor's type (Q6_K or Q8_0, as llama-quantize)")
-    if samples < 1 or seq_len < 8:
-        raise KananaQuantError(f"--samples must be >= 1 and --seq-len >= 8, got {samples} and {seq_len}")
-    if damp <= 0:
-        raise KananaQuantError(f"--damp must be > 0, got {damp}")
     try:
         import torch
     except ImportError:
@@ -240,46 +212,49 @@ def quantize(
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise KananaQuantError(f"--device {device!r} is not available here; use cpu or auto")
     from kanana_quant.loader import open_model
-    from kanana_quant.quant.stream import QuantOptions, prepare
+    from kanana_quant.qcheckpoint import QuantFormat
+    from kanana_quant.quant.driver import quantize_model
+    from kanana_quant.quant.gguf_sink import GGUFSink
+    from kanana_quant.quant.options import QuantOptions
 
-    loaded = open_model(model)
-    if getattr(loaded.weights, "format", None):
-        raise KananaQuantError(f"{model}: is already quantized; pass the float model")
-    from kanana_quant.resources import check_quantize
-    check_quantize(loaded, method, samples, seq_len)  # RAM (and context length) before any work
     fmt = QuantFormat(method, bits, group_size, sym, lm_head=bool(lm_head_bits), lm_head_bits=lm_head_bits or None)
-    opts = QuantOptions(fmt, calib, samples, seq_len, seed, damp=damp,
-                        act_order=act_order, device=device)
+    opts = QuantOptions(fmt, calib, samples, seq_len, seed, damp=damp, act_order=act_order, device=device)
     if out_format == "gguf":
-        from kanana_quant.quant.gguf_stream import GGUFStream
-
-        stream = GGUFStream(loaded, out, opts, gguf_type)
-        first = stream.start(resume)
-    else:
-        stream, first = prepare(loaded, out, opts, resume)
+        GGUFSink.check(opts, gguf_type, out)  # before loading anything
+    loaded = open_model(model)
+    sink = GGUFSink(loaded, out, opts, gguf_type) if out_format == "gguf" else None
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task(f"{method} {bits}-bit layers", total=loaded.config.num_layers, completed=first)
-        stream.on_stage = lambda stage: bar.update(
-            task, description=f"{method} {bits}-bit layer {int(bar.tasks[0].completed)}: {stage}")
+    # Shown once the run starts: the checks before it fail with one line, not under a bar.
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    task = bar.add_task(f"{method} {bits}-bit layers", total=loaded.config.num_layers, visible=False)
 
-        def on_layer(report) -> None:
-            bar.advance(task)
-            line = f"layer {report.layer}: {report.seconds:.1f} s"
-            if report.loss:
-                line += f", GPTQ loss {report.loss:.4g}"
-            if report.expert_tokens is not None:
-                counts = report.expert_tokens
-                line += f", routed tokens per expert min {min(counts)} / max {max(counts)}"
-            bar.console.print(line, highlight=False)
+    def on_start(first: int) -> None:
+        bar.update(task, completed=first, visible=True)
+        bar.start()
 
-        for i in range(first, loaded.config.num_layers):
-            on_layer(stream.run_layer(i))
-        bar.update(task, description="writing the checkpoint")
-        stream.finish()
+    def on_stage(stage: str) -> None:
+        bar.update(task, description=f"{method} {bits}-bit layer {int(bar.tasks[0].completed)}: {stage}")
+
+    def on_layer(report) -> None:
+        bar.advance(task)
+        line = f"layer {report.layer}: {report.seconds:.1f} s"
+        if report.loss:
+            line += f", GPTQ loss {report.loss:.4g}"
+        if report.expert_tokens is not None:
+            counts = report.expert_tokens
+            line += f", routed tokens per expert min {min(counts)} / max {max(counts)}"
+        if report.layer == loaded.config.num_layers - 1:
+            bar.update(task, description="writing the output")
+        bar.console.print(line, highlight=False)
+
+    try:
+        quantize_model(loaded, out, opts, resume, sink=sink, on_start=on_start, on_layer=on_layer,
+                       on_stage=on_stage)
+    finally:
+        bar.stop()
     log(f"wrote {out}")
 
 
@@ -295,7 +270,8 @@ def export_gguf(
                                                            "Q5_K_M or Q6_K."),
 ):
     """Write a llama.cpp GGUF; GPTQ/RTN/AWQ codes are carried over exactly where the GGUF type can hold them."""
-    from kanana_quant.exporters.gguf import export_gguf as export, file_type_info, tensor_count
+    from kanana_quant.gguf.mix import file_type_info
+    from kanana_quant.gguf.writer import export_gguf as export, tensor_count
     from kanana_quant.loader import open_model
 
     file_type_info(file_type)  # validates the type name before loading anything

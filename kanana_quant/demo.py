@@ -99,25 +99,23 @@ def _run(label: str, loaded: LoadedModel, engine_name: str, max_tokens: int, ctx
 def _quantize(source: LoadedModel, out: Path, method: str, bits: int, group: int, samples: int,
               seq_len: int) -> Path:
     from kanana_quant.qcheckpoint import QuantFormat
-    from kanana_quant.quant.stream import QuantOptions, prepare
+    from kanana_quant.quant.driver import quantize_model
+    from kanana_quant.quant.options import QuantOptions
 
     quantized = out / f"{source.path.stem}-{method}-{bits}bit"
     if quantized.exists():
         return quantized
     opts = QuantOptions(QuantFormat(method, bits, group, method != "awq"), samples=samples, seq_len=seq_len)
-    stream, first = prepare(source, quantized, opts, resume=False)
     with progress_bar("quantizing layers", source.config.num_layers) as advance:
-        for i in range(first, source.config.num_layers):
-            stream.run_layer(i)
-            advance()
-    return stream.finish()
+        return quantize_model(source, quantized, opts, on_layer=advance)
 
 
 def run_demo(model: str, out: Path, method: str, bits: int, max_tokens: int, samples: int,
              seq_len: int) -> list[str]:
     """Run the demo into `out`; the engines of the main path that crashed (none when it all worked: a crash
     in an optional engine is a note in the report)."""
-    from kanana_quant.exporters.gguf import carrier_file_type, export_gguf
+    from kanana_quant.gguf.mix import carrier_file_type
+    from kanana_quant.gguf.writer import export_gguf
     from kanana_quant.qcheckpoint import QuantFormat
 
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 # Llama-3 tokenizer: 128,000 byte-level BPE tokens followed by 256 special tokens.
 BPE_VOCAB_SIZE = 128000
+PRE_TOKENIZER = "llama-bpe"  # Llama-3's pre-tokenizer split, by llama.cpp's name (gguf.vocab holds the regexes)
 NUM_SPECIAL_TOKENS = 256
 VOCAB_SIZE = BPE_VOCAB_SIZE + NUM_SPECIAL_TOKENS
 

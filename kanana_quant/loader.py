@@ -12,23 +12,23 @@ from kanana_quant.exporters.onnx_sidecar import OnnxExport, is_onnx_export
 from kanana_quant.hub import resolve_model
 from kanana_quant.qcheckpoint import QuantizedCheckpoint
 from kanana_quant.tokenizer import Tokenizer
+from kanana_quant.weights import Weights
 
 
 @dataclass
 class LoadedModel:
     path: Path
     config: ModelConfig
-    weights: HFCheckpoint  # or GGUFCheckpoint / QuantizedCheckpoint: the same reading interface; OnnxExport
-    # for an ONNX export directory (config and sizes only: its weights run in onnxruntime)
+    weights: Weights  # an ONNX export's only give config and sizes: its weights run in onnxruntime
     tokenizer: Tokenizer
 
 
-def open_checkpoint(path: Path):
+def open_checkpoint(path: Path) -> Weights:
     """The weights of a model: a GGUF file, an ONNX export directory, or a directory (quantized when
     config.json has quantization_config)."""
     if path.is_file():
         if path.suffix == ".gguf":
-            from kanana_quant.gguf_reader import GGUFCheckpoint
+            from kanana_quant.gguf.reader import GGUFCheckpoint
 
             return GGUFCheckpoint(path)
         raise KananaQuantError(f"{path}: not a .gguf file; pass a GGUF file or a Hugging Face model directory")
@@ -43,10 +43,11 @@ def open_checkpoint(path: Path):
 def open_model(spec: str) -> LoadedModel:
     path = resolve_model(spec)
     weights = open_checkpoint(path)
-    if path.is_file():
-        from kanana_quant.gguf_reader import gguf_tokenizer
+    if path.is_file():  # a GGUF carries its tokenizer in its metadata
+        from kanana_quant.gguf.reader import GGUFCheckpoint
 
-        tokenizer = gguf_tokenizer(weights)
+        assert isinstance(weights, GGUFCheckpoint)
+        tokenizer = weights.tokenizer()
     else:
         tokenizer = Tokenizer.from_dir(path, extra_eos_ids=weights.config.eos_token_ids)
     return LoadedModel(path, weights.config, weights, tokenizer)

@@ -11,7 +11,6 @@ quantized only when asked (`lm_head` in the config).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,7 @@ from kanana_quant.quant import packing
 from kanana_quant.safetensors_io import TensorSpec
 
 METHODS = ("rtn", "gptq", "awq")
-SUPPORTED_BITS = (2, 3, 4, 8)  # as quant/grid.py, which needs torch; this module must not
+SUPPORTED_BITS = packing.GPTQ_BITS
 QUANTIZED_ROLES = frozenset(names.ATTENTION_LINEARS + names.MLP_LINEARS)
 
 
@@ -36,6 +35,13 @@ class QuantFormat:
     sym: bool
     lm_head: bool = False
     lm_head_bits: int | None = None  # None: the same bits as the layers
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise KananaQuantError(f"--method {self.method!r} is not supported; choose one of: {', '.join(METHODS)}")
+        for flag, value in (("--bits", self.bits), ("--lm-head-bits", self.lm_head_bits)):
+            if value is not None and (value not in SUPPORTED_BITS or isinstance(value, bool)):
+                raise KananaQuantError(f"{flag} {value!r} is not supported; choose one of {SUPPORTED_BITS}")
 
     @property
     def layout(self) -> str:
@@ -73,7 +79,7 @@ class QuantFormat:
         if not (isinstance(bits, int) and isinstance(group_size, int)) or isinstance(bits, bool) \
                 or isinstance(group_size, bool):
             raise KananaQuantError(f"{source}: quantization_config lacks integer bits/group_size")
-        if bits not in SUPPORTED_BITS or not (group_size == -1 or 0 < group_size <= 1 << 20):
+        if bits not in SUPPORTED_BITS or not (group_size == packing.PER_CHANNEL or 0 < group_size <= 1 << 20):
             raise KananaQuantError(f"{source}: quantization_config bits {bits} / group_size {group_size} is not "
                                    f"supported (bits {', '.join(map(str, SUPPORTED_BITS))}; group_size -1 or > 0)")
         if method not in METHODS:
@@ -111,7 +117,7 @@ class QTensor:
         return self.codes.shape
 
     def group_width(self) -> int:
-        return self.codes.shape[1] if self.group_size == -1 else self.group_size
+        return packing.group_width(self.group_size, self.codes.shape[1])
 
     def dequantize(self, rows: slice = slice(None)) -> np.ndarray:
         codes = self.codes[rows]
@@ -139,7 +145,7 @@ def packed_specs(fmt: QuantFormat, base: str, out_features: int, in_features: in
     """The tensors a quantized linear [out, in] is stored as, named `{base}.qweight` etc. (`bits`: this
     tensor's, when it differs from the format's, e.g. an 8-bit lm_head)."""
     bits = bits or fmt.bits
-    groups = 1 if fmt.group_size == -1 else in_features // fmt.group_size
+    groups = in_features // packing.group_width(fmt.group_size, in_features)
     if fmt.layout == "awq":
         return [TensorSpec(f"{base}.qweight", "I32", (in_features, out_features // 8)),
                 TensorSpec(f"{base}.qzeros", "I32", (groups, out_features // 8)),
@@ -155,7 +161,10 @@ def hf_base(hf_weight_name: str) -> str:
 
 
 class QuantizedCheckpoint(HFCheckpoint):
-    """A checkpoint written by `kanana-quant quantize` (or any desc_act-free GPTQ / AWQ-GEMM checkpoint)."""
+    """A checkpoint written by `kanana-quant quantize` (or any desc_act-free GPTQ / AWQ-GEMM checkpoint).
+    Implements weights.QuantizedWeights."""
+
+    format: QuantFormat
 
     def __init__(self, model_dir, config: ModelConfig | None = None):
         from kanana_quant.config import load_config
@@ -173,9 +182,7 @@ class QuantizedCheckpoint(HFCheckpoint):
         out, cols = names.tensor_shape(self.config, name)
         base = hf_base(self._hf[name])
         fmt, bits = self.format, self.format.bits_for(name)
-        per_word = 32 // math.gcd(32, bits)
-        if (fmt.group_size != -1 and cols % fmt.group_size) or (fmt.layout == "gptq" and cols * bits % 32) \
-                or out % (8 if fmt.layout == "awq" else per_word):
+        if not packing.packable(fmt.layout, bits, fmt.group_size, out, cols):
             raise KananaQuantError(f"{self.dir}: {bits}-bit {fmt.layout} group {fmt.group_size} cannot pack "
                                    f"{base} [{out}, {cols}]; the checkpoint is corrupt")
         for spec in packed_specs(self.format, base, out, cols, bits):

@@ -4,7 +4,7 @@ A quantization that dies of memory after two hours, or a GGUF export that fills 
 failure users hate most; both are predictable from the config and the flags, so they are refused up front
 with one line that says what to change.
 
-RAM for calibration (quant/stream.py): the activations between layers live in disk memmaps, so they cost
+RAM for calibration (quant/driver.py): the activations between layers live in disk memmaps, so they cost
 page cache, not required RAM; what must fit in RAM is one layer's weights (several float32 copies), one
 forward batch with its intermediates, the GPTQ Hessians, and the tokens a method holds whole: AWQ's
 ~4096-token scale-search slice, and for MoE layers every calibration token at once (the router needs all of
@@ -24,7 +24,7 @@ from kanana_quant.errors import KananaQuantError
 
 F32 = 4
 BATCH = 8  # QuantOptions.batch: calibration sequences per forward batch
-AWQ_TOKENS = 4096  # calibration tokens the AWQ scale search reads per layer (QuantOptions.extra["awq_tokens"])
+AWQ_TOKENS = 4096  # calibration tokens the AWQ scale search reads per layer (QuantOptions.awq_tokens)
 RAM_HEADROOM = 0.9  # plan on at most this share of the available RAM
 GGUF_METADATA_BYTES = 16 << 20  # tokenizer and hyperparameters, over-estimated
 
@@ -119,8 +119,8 @@ def check_calibration_memory(cfg: ModelConfig, method: str, samples: int, seq_le
 
 
 def check_quantize(loaded, method: str, samples: int, seq_len: int) -> None:
-    """The CLI's pre-flight for `quantize`, before any calibration (the disk check follows in
-    quant/stream.py, which knows the work folder)."""
+    """quantize_model's pre-flight, before any calibration (the disk check follows once the sink says what
+    it will write)."""
     cfg = loaded.config
     if seq_len > cfg.max_position_embeddings:
         raise KananaQuantError(f"--seq-len {seq_len} is longer than the model's context of "
@@ -132,7 +132,7 @@ def gguf_bytes(cfg: ModelConfig, file_type: str) -> int:
     """The size of a GGUF export, from the exporter's own per-tensor type choice."""
     from gguf import GGML_QUANT_SIZES
 
-    from kanana_quant.exporters.gguf import tensor_type
+    from kanana_quant.gguf.mix import tensor_type
 
     total = GGUF_METADATA_BYTES
     for name in names.canonical_names(cfg):

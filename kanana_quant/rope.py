@@ -27,15 +27,18 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
 
 def _llama3(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
-    # Long wavelengths are divided by `factor`, short ones kept, and the band between blended smoothly.
-    old = s.original_max_position_embeddings
-    low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return np.where(medium, blended, scaled)
+    return inv_freq / llama3_divisors(2 * math.pi / inv_freq, s.factor, s.low_freq_factor, s.high_freq_factor,
+                                      s.original_max_position_embeddings)
+
+
+def llama3_divisors(wavelen: np.ndarray, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original: int) -> np.ndarray:
+    """Llama-3 RoPE scaling as what each frequency is divided by (GGUF stores exactly this as rope_freqs):
+    long wavelengths by `factor`, short ones not at all, and the band between blended smoothly."""
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high_freq_factor, 1.0,
+                    np.where(wavelen > original / low_freq_factor, factor, blended))
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -14,17 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from kanana_quant import kanana, names
 from kanana_quant.checkpoint import save_checkpoint
 from kanana_quant.config import ModelConfig
 from kanana_quant.errors import KananaQuantError
+from kanana_quant.gguf.vocab import pre_tokenizer
 from kanana_quant.safetensors_io import TensorSpec
 
-# Llama-3's pre-tokenizer split (tokenizer.json of Meta-Llama-3), which Kanana reuses.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 TINY_BPE_VOCAB = 1024
 TINY_VOCAB = TINY_BPE_VOCAB + kanana.NUM_SPECIAL_TOKENS
 
@@ -66,10 +64,7 @@ def train_tokenizer(bpe_vocab_size: int = TINY_BPE_VOCAB) -> Tokenizer:
     (<|begin_of_text|> = 128000). Ids past the trained vocabulary are unreachable placeholders."""
     trained = min(bpe_vocab_size, TINY_BPE_VOCAB)
     tok = Tokenizer(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizer(kanana.PRE_TOKENIZER)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=trained, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, special_tokens=[])

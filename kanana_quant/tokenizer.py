@@ -18,6 +18,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from kanana_quant import kanana
 from kanana_quant.errors import KananaQuantError, confined, read_json_object, read_text
 
+# Files that travel with a model's weights and config: the tokenizer, its chat template, generation defaults.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 MAX_TOKENIZER_BYTES = 64 << 20
 MAX_TEMPLATE_BYTES = 1 << 20
 REPLACEMENT_CHAR = "\ufffd"
@@ -312,3 +315,21 @@ class StreamDecoder:
         text = self.tok.decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return text[len(emitted):]
+
+
+def side_files(model_path: Path, tokenizer: Tokenizer) -> dict[str, str]:
+    """The TOKENIZER_FILES of a model as text, to write beside converted weights: copied from a model
+    directory, or rebuilt from `tokenizer` for a GGUF source (which carries it in metadata). Writers read
+    them up front, so a broken one fails before hours of work, not after."""
+    if not model_path.is_dir():
+        return tokenizer.to_files()
+    files = {}
+    for fname in TOKENIZER_FILES:
+        path = model_path / fname
+        if path.is_file():
+            try:
+                files[fname] = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as e:
+                raise KananaQuantError(f"{path}: cannot be read as UTF-8 text ({type(e).__name__}); "
+                                       "fix or remove it") from None
+    return files

@@ -67,7 +67,7 @@ class LlamaCppRounding(CheckpointWeights):
 
 def numpy_engine_like_llamacpp(gguf_checkpoint, **kwargs) -> NumpyEngine:
     source = LlamaCppRounding(gguf_checkpoint)
-    engine = NumpyEngine(source, **kwargs)
+    engine = NumpyEngine(gguf_checkpoint, source=source, **kwargs)
     if gguf_checkpoint.config.tie_word_embeddings:  # llama.cpp multiplies by token_embd, rounding for its type
         engine.lm_head = source.linear("embed")
     return engine

@@ -52,7 +52,7 @@ def build_seeds(root: Path) -> dict[str, Path]:
     """Valid inputs: a float HF directory, a sharded copy, a GGUF, a small mixed-dtype safetensors file and
     an RTN-quantized checkpoint (every one of them loads)."""
     from kanana_quant.checkpoint import HFCheckpoint, save_checkpoint
-    from kanana_quant.exporters.gguf import export_gguf
+    from kanana_quant.gguf.writer import export_gguf
     from kanana_quant.loader import open_model
     from kanana_quant.names import hf_name_map
     from kanana_quant.safetensors_io import TensorSpec, write_safetensors
@@ -75,7 +75,8 @@ def build_seeds(root: Path) -> dict[str, Path]:
                       lambda s: small[s.name][1], {"format": "pt"})
     seeds["safetensors"] = root / "small.safetensors"
     from kanana_quant.qcheckpoint import QuantFormat
-    from kanana_quant.quant.stream import QuantOptions, quantize_model
+    from kanana_quant.quant.driver import quantize_model
+    from kanana_quant.quant.options import QuantOptions
 
     seeds["quantized"] = quantize_model(model, root / "q", QuantOptions(QuantFormat("rtn", 4, 32, True)))
     return seeds
@@ -114,13 +115,13 @@ def bounded_memory():
 
 
 def read_gguf(path: Path) -> None:
-    from kanana_quant.gguf_reader import GGUFCheckpoint, gguf_tokenizer
+    from kanana_quant.gguf.reader import GGUFCheckpoint
 
     ckpt = GGUFCheckpoint(path)
     for name in ckpt.names:
         ckpt.get(name)
     ckpt.config.num_parameters()
-    tok = gguf_tokenizer(ckpt)
+    tok = ckpt.tokenizer()
     tok.decode(tok.encode("Kanana 카나나 <|eot_id|> 123", add_special_tokens=True))
     tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
@@ -532,7 +533,7 @@ def test_generated_gguf_tensor_tables(tmp_path_factory, infos, n_declared, data_
     head = b"GGUF" + struct.pack("<IQQ", version, n_tensors, 0) + table
     blob = head + b"\0" * (-len(head) % 32) + bytes(data_size)
     path = _write(tmp_path_factory.getbasetemp() / "table.gguf", blob)
-    from kanana_quant.gguf_reader import read_gguf_header
+    from kanana_quant.gguf.header import read_gguf_header
 
     expect_clean("gguf tensor table", read_gguf_header, path)
 

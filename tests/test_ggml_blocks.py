@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from kanana_quant.exporters import ggml_blocks as gb
+from kanana_quant.gguf import blocks as gb
 
 SIMPLE = {T.Q8_0: gb.quantize_q8_0, T.Q4_0: gb.quantize_q4_0, T.Q4_1: gb.quantize_q4_1,
           T.Q5_0: gb.quantize_q5_0}

@@ -19,11 +19,15 @@ import pytest
 from conftest import SAMPLE_TEXT
 from kanana_quant.config import ModelConfig
 from kanana_quant.errors import KananaQuantError
-from kanana_quant.exporters.gguf import FILE_TYPES, carrier_file_type, export_gguf, tensor_type
-from kanana_quant.gguf_reader import GGUFCheckpoint, gguf_tokenizer, read_gguf_header
+from kanana_quant.gguf.mix import FILE_TYPES, carrier_file_type, tensor_type
+from kanana_quant.gguf.writer import export_gguf
+from kanana_quant.gguf.header import read_gguf_header
+from kanana_quant.gguf.reader import GGUFCheckpoint
+from kanana_quant.gguf.vocab import read_tokenizer
 from kanana_quant.loader import open_model
 from kanana_quant.qcheckpoint import QuantFormat, QuantizedCheckpoint
-from kanana_quant.quant.stream import QuantOptions, quantize_model
+from kanana_quant.quant.driver import quantize_model
+from kanana_quant.quant.options import QuantOptions
 from kanana_quant.runtimes.numpy_engine import NumpyEngine
 from kanana_quant.synth import TINY, synth_model
 from kanana_quant.tokenizer import Tokenizer
@@ -114,7 +118,7 @@ def test_q_and_k_rows_are_stored_as_the_converter_permutes_them(exported):
 
 def test_tokenizer_from_gguf_encodes_like_the_hf_tokenizer(exported):
     src, path = exported("dense-tied")
-    ours, ref = gguf_tokenizer(path), Tokenizer.from_dir(src)
+    ours, ref = read_tokenizer(path), Tokenizer.from_dir(src)
     for text in TEXTS:
         assert ours.encode(text) == ref.encode(text), text
         assert ours.encode(text, add_special_tokens=True) == ref.encode(text, add_special_tokens=True), text
@@ -150,7 +154,7 @@ def test_a_gguf_source_exports_to_the_same_model(exported, tmp_path):
         np.testing.assert_array_equal(second.get(name), first.get(name), err_msg=name)
     ref = Tokenizer.from_dir(src)
     for text in TEXTS:
-        assert gguf_tokenizer(again).encode(text, True) == ref.encode(text, True), text
+        assert read_tokenizer(again).encode(text, True) == ref.encode(text, True), text
 
 
 @pytest.mark.parametrize("variant", ["dense-tied", "dense-untied-yarn", "dense-llama3-rope", "moe-mixtral"])

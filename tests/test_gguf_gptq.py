@@ -1,4 +1,4 @@
-"""GPTQ on GGUF grids (quant/ggml_grid.py, quant/gguf_stream.py): the file holds exactly GPTQ's weights,
+"""GPTQ on GGUF grids (quant/ggml_grid.py, quant/gguf_sink.py): the file holds exactly GPTQ's weights,
 they beat llama.cpp-style importance-weighted rounding on the same type, and llama.cpp runs the file."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from gguf.quants import dequantize
 
 from conftest import SAMPLE_TEXT
 from ggml_activations import numpy_engine_like_llamacpp
-from kanana_quant.exporters import ggml_blocks
+from kanana_quant.gguf import blocks as ggml_blocks
 from kanana_quant.loader import open_model
 from kanana_quant.quant import ggml_grid
 from kanana_quant.quant.gptq import GPTQ
@@ -88,11 +88,12 @@ def test_quantize_format_gguf_bad_arguments(tiny_dense, tmp_path, args, message)
 
 
 def test_final_gguf_export_maps_one_layer_file_at_a_time(model_dirs, tmp_path, monkeypatch):
-    """GGUFStream's last step reads every layer's work file: each is unmapped once the next one is read, so a
+    """The GGUF sink's last step reads every layer's work file: each is unmapped once the next one is read, so a
     32-layer model's work files are never resident together."""
     from kanana_quant.qcheckpoint import QuantFormat
-    from kanana_quant.quant.gguf_stream import GGUFStream
-    from kanana_quant.quant.stream import QuantOptions
+    from kanana_quant.quant.driver import quantize_model
+    from kanana_quant.quant.gguf_sink import GGUFSink
+    from kanana_quant.quant.options import QuantOptions
     from kanana_quant.safetensors_io import SafetensorsFile
 
     mapped, most = set(), [0]
@@ -111,11 +112,13 @@ def test_final_gguf_export_maps_one_layer_file_at_a_time(model_dirs, tmp_path, m
     monkeypatch.setattr(SafetensorsFile, "_buffer", tracked_buffer)
     monkeypatch.setattr(SafetensorsFile, "close", tracked_close)
     model = open_model(str(model_dirs("dense-256")))
-    stream = GGUFStream(model, tmp_path / "m.gguf", QuantOptions(QuantFormat("gptq", 4, 32, True), samples=2,
-                                                                 seq_len=16), "Q4_0")
-    for i in range(stream.start(False), model.config.num_layers):
-        stream.run_layer(i)
-    mapped.clear()
-    most[0] = 0
-    stream.finish()
+    opts = QuantOptions(QuantFormat("gptq", 4, 32, True), samples=2, seq_len=16)
+    out = tmp_path / "m.gguf"
+
+    def last_layer_done(report) -> None:  # from here on, only the final GGUF write maps layer files
+        if report.layer == model.config.num_layers - 1:
+            mapped.clear()
+            most[0] = 0
+
+    quantize_model(model, out, opts, sink=GGUFSink(model, out, opts, "Q4_0"), on_layer=last_layer_done)
     assert model.config.num_layers > 1 and most[0] == 1

@@ -28,7 +28,9 @@ from conftest import SAMPLE_TEXT
 from kanana_quant import names
 from kanana_quant.checkpoint import HFCheckpoint
 from kanana_quant.errors import KananaQuantError
-from kanana_quant.gguf_reader import GGUFCheckpoint, gguf_tokenizer, read_gguf_header
+from kanana_quant.gguf.header import read_gguf_header
+from kanana_quant.gguf.reader import GGUFCheckpoint
+from kanana_quant.gguf.vocab import gguf_tokenizer, read_tokenizer
 from kanana_quant.smollm import smollm2_gguf
 from kanana_quant.tokenizer import Tokenizer
 
@@ -235,7 +237,7 @@ def test_stored_q_and_k_are_permuted_so_the_unpermute_is_exercised(tiny_gguf):
 
 def test_tiny_gguf_tokenizer_matches_hf_tokenizer(tiny_gguf):
     model_dir, path = tiny_gguf("dense-tied")
-    ours, ref = gguf_tokenizer(path), Tokenizer.from_dir(model_dir)
+    ours, ref = read_tokenizer(path), Tokenizer.from_dir(model_dir)
     for text in TEXTS + ["<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n안녕<|eot_id|>"]:
         assert ours.encode(text) == ref.encode(text), text
         assert ours.encode(text, add_special_tokens=True) == ref.encode(text, add_special_tokens=True)
@@ -246,7 +248,9 @@ def test_tiny_gguf_tokenizer_matches_hf_tokenizer(tiny_gguf):
 
 def test_tokenizer_also_reads_from_a_gguf_reader(tiny_gguf):
     _, path = tiny_gguf("dense-tied")
-    from_reader, from_path = gguf_tokenizer(gguf.GGUFReader(path)), gguf_tokenizer(path)
+    reader = gguf.GGUFReader(path)
+    meta = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    from_reader, from_path = gguf_tokenizer(meta, str(path)), read_tokenizer(path)
     assert from_reader.encode(SAMPLE_TEXT, add_special_tokens=True) == from_path.encode(SAMPLE_TEXT, True)
 
 
@@ -269,7 +273,7 @@ def byte_vocab_gguf(path: Path, pre: str) -> Path:
 def test_pre_tokenizer_semantics_follow_llama_cpp(tmp_path, pre, ab_whole, twelve):
     # llama.cpp's Llama-3 pre-type takes a pre-token found in the vocabulary whole (ignore_merges); SmolLM's
     # splits every digit first, so no merge can join two digits.
-    tok = gguf_tokenizer(byte_vocab_gguf(tmp_path / f"{pre}.gguf", pre))
+    tok = read_tokenizer(byte_vocab_gguf(tmp_path / f"{pre}.gguf", pre))
     ab, twelve_id = tok.token_id("ab"), tok.token_id("12")
     assert (tok.encode("ab") == [ab]) is ab_whole
     assert (tok.encode("12") == [twelve_id]) is (twelve == "whole")
@@ -354,7 +358,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm):
     import transformers
 
     ref = transformers.AutoTokenizer.from_pretrained(str(smollm.parent), gguf_file=smollm.name)
-    ours = gguf_tokenizer(smollm)
+    ours = read_tokenizer(smollm)
     for text in TEXTS:
         assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
         assert ours.encode(text, add_special_tokens=True) == ref(text)["input_ids"], text
@@ -473,9 +477,9 @@ def test_missing_tensor_and_shape_mismatch(model_dirs, tmp_path):
 def test_unsupported_tokenizers(model_dirs, tmp_path):
     model_dir = model_dirs("dense-tied")
     spm = write_gguf(model_dir, tmp_path / "spm.gguf", meta={"tokenizer.ggml.model": "llama"})
-    assert_one_line_error(spm, "tokenizer model 'llama' is not supported", opener=gguf_tokenizer)
+    assert_one_line_error(spm, "tokenizer model 'llama' is not supported", opener=read_tokenizer)
     pre = write_gguf(model_dir, tmp_path / "pre.gguf", meta={"tokenizer.ggml.pre": "mystery"})
-    assert_one_line_error(pre, "pre-tokenizer 'mystery' is not supported", opener=gguf_tokenizer)
+    assert_one_line_error(pre, "pre-tokenizer 'mystery' is not supported", opener=read_tokenizer)
 
 
 def test_smollm2_gguf_reports_offline_pip_in_one_line(tmp_path, monkeypatch):

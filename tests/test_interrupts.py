@@ -48,8 +48,8 @@ def slowed(write):
 import kanana_quant.checkpoint as checkpoint
 checkpoint.write_safetensors = slowed(checkpoint.write_safetensors)
 if sys.argv[1] == "quantize":
-    import kanana_quant.quant.stream as stream
-    stream.write_safetensors = slowed(stream.write_safetensors)
+    import kanana_quant.quant.sinks as sinks
+    sinks.write_safetensors = slowed(sinks.write_safetensors)
 if sys.argv[1] == "export":
     import gguf
     write_tensor_data = gguf.GGUFWriter.write_tensor_data
@@ -143,7 +143,7 @@ def test_synth_killed_at_random_moments(tmp_path):
 
 
 def test_export_gguf_killed_at_random_moments(tiny_dense, tmp_path):
-    from kanana_quant.exporters.gguf import export_gguf
+    from kanana_quant.gguf.writer import export_gguf
 
     reference = files_of(export_gguf(open_model(str(tiny_dense)), tmp_path / "reference.gguf", "Q8_0"))
     reference = {"tiny.gguf": reference["reference.gguf"]}
@@ -163,7 +163,8 @@ def test_export_gguf_killed_at_random_moments(tiny_dense, tmp_path):
 
 def test_quantize_killed_then_resumed_is_bit_identical(tiny_dense, tmp_path):
     from kanana_quant.qcheckpoint import QuantFormat
-    from kanana_quant.quant.stream import QuantOptions, quantize_model
+    from kanana_quant.quant.driver import quantize_model
+    from kanana_quant.quant.options import QuantOptions
 
     opts = QuantOptions(QuantFormat("gptq", 4, 32, True), samples=8, seq_len=64)
     reference = files_of(quantize_model(open_model(str(tiny_dense)), tmp_path / "reference", opts))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_TEXT
-from kanana_quant.exporters.gguf import export_gguf
+from kanana_quant.gguf.writer import export_gguf
 from kanana_quant.exporters.onnx import export_onnx
 from kanana_quant.loader import open_model
 from kanana_quant.runtimes import llamacpp_engine

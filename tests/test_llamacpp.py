@@ -7,7 +7,7 @@ import pytest
 
 from conftest import SAMPLE_TEXT
 from ggml_activations import numpy_engine_like_llamacpp
-from kanana_quant.exporters.gguf import export_gguf
+from kanana_quant.gguf.writer import export_gguf
 from kanana_quant.loader import open_model
 from kanana_quant.runtimes.generate import generate
 from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine

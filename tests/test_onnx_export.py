@@ -41,7 +41,8 @@ def _logits_diff(engine, oracle, ids=IDS) -> float:
 def quantized(model_dirs, tmp_path_factory):
     """Quantized checkpoints made by our quantizers, once per module."""
     from kanana_quant.qcheckpoint import QuantFormat
-    from kanana_quant.quant.stream import QuantOptions, quantize_model
+    from kanana_quant.quant.driver import quantize_model
+    from kanana_quant.quant.options import QuantOptions
 
     root, made = tmp_path_factory.mktemp("q"), {}
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import SAMPLE_TEXT
 from kanana_quant.loader import open_model
 from kanana_quant.qcheckpoint import QuantFormat, QuantizedCheckpoint
-from kanana_quant.quant.stream import LayerStream, QuantOptions, quantize_model
+from kanana_quant.quant.driver import quantize_model
+from kanana_quant.quant.options import QuantOptions
 from kanana_quant.runtimes.numpy_engine import FloatLinear, NumpyEngine
 
 FAST = dict(samples=8, seq_len=64)
@@ -46,7 +47,7 @@ def test_quantized_runtime_equals_dequantized_float_forward(tiny_dense, tmp_path
     assert config["bits"] == bits and config["quant_method"] == ("awq" if method == "awq" and bits == 4 else "gptq")
     ids = open_model(str(out)).tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)
     quantized = NumpyEngine(ckpt).forward(ids, all_logits=True)
-    reference = NumpyEngine(Dequantized(ckpt)).forward(ids, all_logits=True)
+    reference = NumpyEngine(ckpt, source=Dequantized(ckpt)).forward(ids, all_logits=True)
     assert np.max(np.abs(quantized - reference)) <= 1e-4
     # The weights really are on a `bits`-bit grid, and the float model is not identical to the quantized one.
     q = ckpt.qtensor("layers.1.down")
@@ -73,7 +74,7 @@ def test_lm_head_bits(tiny_dense, tmp_path, method):
     assert 0 < np.abs(ckpt.get("lm_head") - embed).max() < 0.01 * np.abs(embed).max()
     ids = open_model(str(out)).tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)
     quantized = NumpyEngine(ckpt).forward(ids, all_logits=True)
-    reference = NumpyEngine(Dequantized(ckpt)).forward(ids, all_logits=True)
+    reference = NumpyEngine(ckpt, source=Dequantized(ckpt)).forward(ids, all_logits=True)
     assert np.max(np.abs(quantized - reference)) <= 1e-4
 
 
@@ -104,14 +105,17 @@ def test_moe_quantization_touches_every_expert(model_dirs, tmp_path, variant):
 def test_resume_yields_identical_checkpoint(tiny_dense, tmp_path):
     full = quantize(tiny_dense, tmp_path / "full", "gptq")
     opts = QuantOptions(QuantFormat("gptq", 4, 32, True), **FAST)
-    model = open_model(str(tiny_dense))
-    first = LayerStream(model, tmp_path / "resumed", opts)
-    assert first.start(resume=False) == 0
-    first.run_layer(0)  # then the process "dies"
-    second = LayerStream(open_model(str(tiny_dense)), tmp_path / "resumed", opts)
-    assert second.start(resume=True) == 1
-    second.run_layer(1)
-    resumed = second.finish()
+    starts = []
+
+    def die_after_layer_0(report) -> None:
+        raise KeyboardInterrupt  # as if the process died once layer 0 was saved
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(open_model(str(tiny_dense)), tmp_path / "resumed", opts, on_start=starts.append,
+                       on_layer=die_after_layer_0)
+    resumed = quantize_model(open_model(str(tiny_dense)), tmp_path / "resumed", opts, resume=True,
+                             on_start=starts.append)
+    assert starts == [0, 1]
     assert (resumed / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
     assert not (tmp_path / ".resumed.work").exists()
 
@@ -163,7 +167,7 @@ def test_cli_quantize_then_generate_and_eval_with_ref(tiny_dense, tmp_path):
 
 def test_quantize_from_a_gguf_source(tiny_dense, tmp_path):
     """GGUF files are sources too: the checkpoint gets tokenizer files rebuilt from GGUF metadata."""
-    from kanana_quant.exporters.gguf import export_gguf
+    from kanana_quant.gguf.writer import export_gguf
 
     gguf_path = export_gguf(open_model(str(tiny_dense)), tmp_path / "tiny.gguf", "Q8_0")
     out = quantize(gguf_path, tmp_path / "q", "gptq")

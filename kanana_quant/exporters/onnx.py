@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,7 +30,10 @@ from kanana_quant.config import ModelConfig
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.exporters import onnx_pack
 from kanana_quant.exporters import onnx_sidecar as sc
+from kanana_quant.quant.packing import PER_CHANNEL
 from kanana_quant.rope import rope_cos_sin
+from kanana_quant.tokenizer import side_files
+from kanana_quant.weights import Weights
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +120,8 @@ class _Graph:
 # Weights
 
 
-def _qtensor_or_none(weights, name: str):
-    if getattr(weights, "format", None) is not None and weights.is_quantized(name):
-        return weights.qtensor(name)
-    return None
+def _qtensor_or_none(weights: Weights, name: str):
+    return weights.qtensor(name) if weights.is_quantized(name) else None
 
 
 @dataclass
@@ -225,8 +225,8 @@ class _Exporter:
         group = qs[0].group_size if quantized else None
         # QMoE's block-wise 8-bit experts always quantize activations to int8 (its CPU kernel has no fp32 path),
         # so they are exact only at accuracy level 4; below it the experts run dequantized in the float MoE op.
-        use_qmoe = quantized and not (bits == 8 and group != -1 and self.opts.accuracy_level < 4)
-        if use_qmoe and group != -1 and (cfg.hidden_size % group or moe.expert_intermediate_size % group):
+        use_qmoe = quantized and not (bits == 8 and group != PER_CHANNEL and self.opts.accuracy_level < 4)
+        if use_qmoe and group != PER_CHANNEL and (cfg.hidden_size % group or moe.expert_intermediate_size % group):
             use_qmoe = False
         attrs = dict(k=moe.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
                      activation_beta=0.0, normalize_routing_weights=int(moe.norm_topk_prob))
@@ -241,7 +241,7 @@ class _Exporter:
                 inputs += ["", self.g.one("Softmax", [router], axis=-1)]
             while inputs[-1] == "":
                 inputs.pop()
-            if group != -1:
+            if group != PER_CHANNEL:
                 attrs["block_size"] = group
             out = self.g.one("QMoE", inputs, domain=MS, name=name + "/QMoE", expert_weight_bits=bits,
                              accuracy_level=self.opts.accuracy_level, **attrs)
@@ -271,7 +271,7 @@ class _Exporter:
             default &= bool(np.all(z == 1 << (bits - 1)))
         role = "fc1" if len(roles) == 2 else "fc2"
         prefix = f"layers.{i}.moe.{role}"
-        if group == -1:
+        if group == PER_CHANNEL:
             scales, zeros = scales[..., 0], zeros[..., 0]  # column-wise: one scale per output row
         zp = None if default else self.g.const(prefix + ".qzeros", onnx_pack.pack_low_first(zeros, bits))
         return self.g.const(prefix + ".qweight", packed), self.g.const(prefix + ".scales", scales), zp
@@ -296,7 +296,7 @@ class _Exporter:
         if choice == "auto":
             if carried is not None:
                 return "carried"
-            return "q8" if getattr(self.weights, "format", None) is not None else "float"
+            return "q8" if self.weights.format is not None else "float"
         return choice
 
     def embedding(self) -> tuple[str | onnx_pack.NBits, str]:
@@ -408,7 +408,7 @@ def _check_expressible(model) -> None:
 
 def _sidecar(model, opts: _Options, report_kinds: dict, moe_op: str | None, lm_head: str, files: list[str]) -> dict:
     cfg, tok = model.config, model.tokenizer
-    fmt = getattr(model.weights, "format", None)
+    fmt = model.weights.format
     eos = sorted(set(tok.eos_ids) | set(cfg.eos_token_ids))
     return {
         "model": {
@@ -447,10 +447,7 @@ def _sidecar(model, opts: _Options, report_kinds: dict, moe_op: str | None, lm_h
 
 
 def _estimate_bytes(model, opts: _Options) -> int:
-    nbytes = getattr(model.weights, "nbytes", None)
-    base = nbytes() if callable(nbytes) else 0
-    fmt = getattr(model.weights, "format", None)
-    return int(base * (2.2 if fmt is None else 1.5)) + (1 << 20)  # float sources grow from bf16 to fp32
+    return int(model.weights.nbytes() * (2.2 if model.weights.format is None else 1.5)) + (1 << 20)  # float sources grow from bf16 to fp32
 
 
 def export_onnx(model, out_dir: str | Path, accuracy_level: int = 4, lm_head: str = "auto",
@@ -504,15 +501,7 @@ def _write_side_files(model, tmp: Path) -> list[str]:
     raw = dict(model.config.raw)
     raw.pop("quantization_config", None)
     (tmp / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False), encoding="utf-8")
-    src = Path(model.path)
-    written = []
-    if src.is_dir():
-        for fname in sc.TOKENIZER_FILES:
-            if (src / fname).is_file():
-                shutil.copyfile(src / fname, tmp / fname)
-                written.append(fname)
-    if "tokenizer.json" not in written:  # a GGUF source: its tokenizer from the file's metadata
-        for fname, text in model.tokenizer.to_files().items():
-            (tmp / fname).write_text(text, encoding="utf-8")
-            written.append(fname)
-    return sorted(set(written))
+    files = side_files(Path(model.path), model.tokenizer)
+    for fname, text in files.items():
+        (tmp / fname).write_text(text, encoding="utf-8")
+    return sorted(files)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kanana_quant.quant.packing import PER_CHANNEL, group_width
+
 BLOCKS = (256, 128, 64, 32, 16)
 
 
@@ -42,7 +44,7 @@ def storage_bits(bits: int) -> int:
 
 def block_for(cols: int, group_size: int) -> int | None:
     """The MatMulNBits block for a grid of `group_size` (-1 = per-channel) over `cols` inputs, or None."""
-    if group_size != -1:
+    if group_size != PER_CHANNEL:
         return group_size if group_size in BLOCKS and cols % group_size == 0 else None
     return next((b for b in BLOCKS if cols % b == 0), None)
 
@@ -78,7 +80,7 @@ def from_codes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: i
     block = block_for(k, group_size)
     if block is None:
         return None
-    width = k if group_size == -1 else group_size
+    width = group_width(group_size, k)
     repeat = width // block
     scales = np.repeat(np.asarray(scales, np.float32), repeat, axis=1)
     zeros = np.repeat(np.asarray(zeros, np.uint8), repeat, axis=1)
@@ -87,10 +89,6 @@ def from_codes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: i
     default = zeros.size and np.all(zeros == 1 << (sbits - 1))
     return NBits(packed, np.ascontiguousarray(scales), None if default else pack_low_first(zeros, sbits), sbits,
                  block)
-
-
-def from_qtensor(q) -> NBits | None:
-    return from_codes(q.codes, q.scales, q.zeros, q.bits, q.group_size)
 
 
 def concat_rows(qs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kanana_quant import names
 from kanana_quant.config import ModelConfig, load_config
 from kanana_quant.errors import KananaQuantError, read_json_object
 
@@ -18,8 +19,6 @@ DATA_FILE = "model.onnx.data"
 SIDECAR = "genai_config.json"
 FORMAT = "kanana-quant-onnx"
 FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 
 # Graph input / output names (onnxruntime-genai's conventions).
 INPUT_IDS = "input_ids"
@@ -58,7 +57,8 @@ def read_sidecar(path: str | Path) -> dict:
 
 class OnnxExport:
     """An export directory seen as a model: config, sidecar and sizes. Its weights live in the ONNX graph and
-    run only in onnxruntime (`--engine onnxruntime`)."""
+    run only in onnxruntime (`--engine onnxruntime`). Implements weights.Weights; reading a tensor fails
+    with one line."""
 
     format = None  # not a quantized HF checkpoint (the quantization is described in the sidecar)
 
@@ -68,8 +68,8 @@ class OnnxExport:
         self.config: ModelConfig = load_config(self.dir)
 
     @property
-    def quantization(self) -> dict | None:
-        return self.sidecar["kanana_quant"].get("quantization")
+    def names(self) -> list[str]:
+        return names.canonical_names(self.config)
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in (self.dir / MODEL_FILE, self.dir / DATA_FILE) if p.is_file())
@@ -77,9 +77,21 @@ class OnnxExport:
     def is_quantized(self, name: str) -> bool:
         return False
 
+    def _graph_only(self) -> KananaQuantError:
+        return KananaQuantError(f"{self.dir}: is an ONNX export; its weights run only in onnxruntime "
+                                "(use --engine onnxruntime), or pass the source model instead")
+
     def get(self, name: str, dtype=np.float32) -> np.ndarray:
-        raise KananaQuantError(f"{self.dir}: is an ONNX export; its weights run only in onnxruntime "
-                               "(use --engine onnxruntime), or pass the source model instead")
+        raise self._graph_only()
+
+    def layer(self, index: int, dtype=np.float32) -> dict[str, np.ndarray]:
+        raise self._graph_only()
+
+    def dtype(self, name: str) -> str:
+        raise self._graph_only()
+
+    def raw(self, name: str) -> np.ndarray:
+        raise self._graph_only()
 
     def close(self) -> None:
         pass

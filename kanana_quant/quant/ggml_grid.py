@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from kanana_quant.exporters import ggml_blocks
+from kanana_quant.gguf import blocks
 from kanana_quant.quant.gptq import ColumnGrid
 from kanana_quant.quant.grid import fit_params
 
@@ -45,16 +45,16 @@ def _legacy(w: torch.Tensor, importance: torch.Tensor, qtype: T) -> GGMLFit:
     scales = torch.cat([fit_params(w[:, c:c + block], grid, True, importance[c:c + block])[0]
                         for c in range(0, w.shape[1], block)], 1)
     zero = (maxq + 1) // 2
-    pack = {T.Q4_0: ggml_blocks.pack_q4_0, T.Q5_0: ggml_blocks.pack_q5_0,
-            T.Q8_0: lambda codes, s: ggml_blocks.pack_q8_0(codes.astype(np.int16) - zero, s)}[qtype]
+    pack = {T.Q4_0: blocks.pack_q4_0, T.Q5_0: blocks.pack_q5_0,
+            T.Q8_0: lambda codes, s: blocks.pack_q8_0(codes.astype(np.int16) - zero, s)}[qtype]
     s = scales.numpy()
     return GGMLFit(ColumnGrid(scales.repeat_interleave(block, 1), torch.full_like(w, zero), maxq),
                    lambda codes: pack(codes, s))
 
 
 def _k_affine(w: torch.Tensor, importance: torch.Tensor, qtype: T) -> GGMLFit:
-    fit, pack, maxq = ((ggml_blocks.fit_q4_k, ggml_blocks.pack_q4_k, 15) if qtype == T.Q4_K
-                       else (ggml_blocks.fit_q5_k, ggml_blocks.pack_q5_k, 31))
+    fit, pack, maxq = ((blocks.fit_q4_k, blocks.pack_q4_k, 15) if qtype == T.Q4_K
+                       else (blocks.fit_q5_k, blocks.pack_q5_k, 31))
     f = fit(w.numpy(), importance.numpy())
     step = f.d.astype(np.float32)[..., None] * f.sc  # [rows, n_super, 8]: sub-blocks of 32
     low = f.dmin.astype(np.float32)[..., None] * f.m
@@ -64,11 +64,11 @@ def _k_affine(w: torch.Tensor, importance: torch.Tensor, qtype: T) -> GGMLFit:
 
 
 def _q6_k(w: torch.Tensor, importance: torch.Tensor) -> GGMLFit:
-    f = ggml_blocks.fit_q6_k(w.numpy(), importance.numpy())
+    f = blocks.fit_q6_k(w.numpy(), importance.numpy())
     step = f.d.astype(np.float32)[..., None] * f.sc.astype(np.float32)  # sub-blocks of 16
     step = np.where(step == 0, np.float32(_TINY_STEP), step)
     grid = ColumnGrid(_per_column(step, 16), torch.full_like(w, 32.0), 63)
-    return GGMLFit(grid, lambda codes: ggml_blocks.pack_q6_k(f._replace(q=codes.reshape(f.q.shape))))
+    return GGMLFit(grid, lambda codes: blocks.pack_q6_k(f._replace(q=codes.reshape(f.q.shape))))
 
 
 def fitter(qtype: T) -> Callable[[torch.Tensor, torch.Tensor], GGMLFit] | None:

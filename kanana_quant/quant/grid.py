@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from kanana_quant.errors import KananaQuantError
+from kanana_quant.quant.packing import GPTQ_BITS, PER_CHANNEL, group_width
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_GROUPS = (32, 64, 128, -1)  # -1 = one group per row (per-channel)
+SUPPORTED_BITS = GPTQ_BITS
+SUPPORTED_GROUPS = (32, 64, 128, PER_CHANNEL)
 # Candidate shrink factors of the range for the clipping search (1.0 = min/max, no clipping).
 CLIP_GRID = tuple(1.0 - 0.01 * i for i in range(0, 50, 2))
 
@@ -39,14 +40,14 @@ class QuantSpec:
         return (1 << self.bits) - 1
 
     def groups(self, in_features: int) -> int:
-        return 1 if self.group_size == -1 else in_features // self.group_size
+        return in_features // group_width(self.group_size, in_features)
 
     def group_width(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
+        return group_width(self.group_size, in_features)
 
     def check(self, in_features: int, name: str) -> None:
         """Fail before any work when the group size does not divide a row."""
-        if self.group_size != -1 and in_features % self.group_size:
+        if in_features % group_width(self.group_size, in_features):
             raise KananaQuantError(f"--group-size {self.group_size} does not divide the {in_features} input "
                                    f"columns of {name}; choose a group size that divides it or -1")
 

@@ -24,8 +24,25 @@ import numpy as np
 
 from kanana_quant.errors import KananaQuantError
 
-GPTQ_BITS = (2, 3, 4, 8)
+GPTQ_BITS = (2, 3, 4, 8)  # the widths a quantized checkpoint can store: every other module takes them from here
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+PER_CHANNEL = -1  # group_size for one group per row
+
+
+def group_width(group_size: int, in_features: int) -> int:
+    """Columns per group: group_size, or the whole row for PER_CHANNEL."""
+    return in_features if group_size == PER_CHANNEL else group_size
+
+
+def packable(layout: str, bits: int, group_size: int, out_features: int, in_features: int) -> bool:
+    """Whether a [out, in] linear can be stored in `layout` ("gptq" or "awq") at `bits` with this grouping:
+    groups divide the row, GPTQ's input-axis words hold whole rows of codes, and zeros pack along the output
+    axis (8 per word for AWQ, 32 / gcd(32, bits) values per run of words for GPTQ)."""
+    if group_size != PER_CHANNEL and (group_size <= 0 or in_features % group_size):
+        return False
+    if layout == "awq":
+        return out_features % 8 == 0
+    return in_features * bits % 32 == 0 and out_features % (32 // gcd(32, bits)) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,8 +107,7 @@ def _check_inputs(codes, zeros, scales, bits: int, group_size: int, fmt: str):
     if codes.ndim != 2:
         raise KananaQuantError(f"{fmt}: codes must be 2-D [out_features, in_features], got shape {codes.shape}")
     out_f, in_f = codes.shape
-    if group_size == -1:
-        group_size = in_f
+    group_size = group_width(group_size, in_f)
     if group_size <= 0:
         raise KananaQuantError(f"{fmt}: group_size must be positive or -1 (per-channel), got {group_size}")
     # vLLM and AutoAWQ size scales/zeros as in_features // group_size, so a ragged last group cannot load.
@@ -192,7 +208,7 @@ def unpack_gptq(tensors: dict, bits: int, group_size: int) -> tuple[np.ndarray, 
                                f"{qzeros.shape[1]} must be multiples of {n_words}")
     in_f = qweight.shape[0] * 32 // bits
     out_f = qweight.shape[1]
-    gs = in_f if group_size == -1 else group_size
+    gs = group_width(group_size, in_f)
     if gs <= 0 or in_f % gs:
         raise KananaQuantError(f"GPTQ: in_features {in_f} (from qweight {qweight.shape}) is not a multiple of "
                                f"group_size {group_size}")
@@ -281,7 +297,7 @@ def unpack_awq(tensors: dict, group_size: int, bits: int = 4) -> tuple[np.ndarra
     _check_awq_bits(bits)
     qweight, qzeros, scales = _packed_tensors(tensors, "AWQ")
     in_f, out_f = qweight.shape[0], qweight.shape[1] * 8
-    gs = in_f if group_size == -1 else group_size
+    gs = group_width(group_size, in_f)
     if gs <= 0 or in_f % gs:
         raise KananaQuantError(f"AWQ: in_features {in_f} (from qweight {qweight.shape}) is not a multiple of "
                                f"group_size {group_size}")

@@ -17,6 +17,7 @@ from kanana_quant.config import ModelConfig
 from kanana_quant.qcheckpoint import QTensor
 from kanana_quant.rope import rope_frequencies
 from kanana_quant.runtimes.generate import kv_capacity
+from kanana_quant.weights import Weights
 
 
 class Linear(Protocol):
@@ -68,7 +69,7 @@ class WeightSource(Protocol):
 class CheckpointWeights:
     """Adapts a checkpoint (float or quantized) to the WeightSource protocol."""
 
-    def __init__(self, checkpoint):
+    def __init__(self, checkpoint: Weights):
         self.checkpoint, self.config = checkpoint, checkpoint.config
 
     def get(self, name: str, dtype=np.float32) -> np.ndarray:
@@ -175,10 +176,11 @@ class NumpyEngine:
 
     name = "numpy"
 
-    def __init__(self, source: WeightSource, max_seq_len: int | None = None,
-                 on_layer: Callable[[int], None] | None = None):
-        if not hasattr(source, "linear"):
-            source = CheckpointWeights(source)
+    def __init__(self, weights: Weights, max_seq_len: int | None = None,
+                 on_layer: Callable[[int], None] | None = None, source: WeightSource | None = None):
+        """`source` builds the layers from `weights` (CheckpointWeights by default: packed codes stay packed);
+        tests pass their own to compute the same model another way."""
+        source = source or CheckpointWeights(weights)
         self.config = cfg = source.config
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.embed = source.get("embed")

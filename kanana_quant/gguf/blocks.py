@@ -20,16 +20,24 @@ an importance matrix make_qkx3_quants + make_qp_quants (weighted make_qx_quants 
 candidates, tie rules and left-to-right float32 sums. They matched a plain C build of those functions byte
 for byte on the tensors tried; a build that fuses multiply-adds (-march=native) can differ on near-ties.
 
-``pack_q4_0`` / ``pack_q5_0`` / ``pack_q8_0`` / ``pack_q4_1`` carry already-quantized codes exactly;
-``fit_q*_k`` / ``pack_q*_k`` expose the K-quant fields so other code can fill the K grids itself.
+``pack_q4_0`` / ``pack_q5_0`` / ``pack_q8_0`` / ``pack_q4_1`` carry already-quantized codes exactly, and
+``carry`` finds the carrier bytes of a whole quantized tensor (GPTQ/AWQ/RTN codes W = s·(q − z) per group of
+≥ 32 columns become, per 32-block, d = s and the offsets q − z in Q4_0, Q5_0 or Q8_0, or q with m = −s·z in
+Q4_1); ``fit_q*_k`` / ``pack_q*_k`` expose the K-quant fields so other code can fill the K grids itself.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
+import gguf
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
+
+from kanana_quant.errors import KananaQuantError
+
+if TYPE_CHECKING:
+    from kanana_quant.qcheckpoint import QTensor
 
 T = GGMLQuantizationType
 SUPPORTED = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K)
@@ -570,3 +578,60 @@ def quantize(w, qtype: T, importance=None) -> np.ndarray:
     if importance is None:
         return QUANTIZERS[qtype](w)
     return QUANTIZERS[qtype](w, importance)
+
+
+def encode(w: np.ndarray, qtype: T, importance: np.ndarray | None, name: str) -> np.ndarray:
+    """Float weights [rows, cols] as qtype's bytes; `importance` weights the K-quant searches."""
+    if qtype in (T.F32, T.F16, T.BF16, T.Q5_1):  # gguf-py's own encoders (Q5_1: the Q5_K row fallback)
+        return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+    try:
+        return quantize(w, qtype, importance if qtype in _TAKES_IMPORTANCE else None)
+    except ValueError as e:
+        raise KananaQuantError(f"{name}: cannot encode as {qtype.name} ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Carrying quantized codes exactly
+
+CARRIERS = (T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_1)
+_CARRIER_BLOCK = 32
+
+
+def _q8_0_full_range(offsets: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Q8_0 bytes with −128 allowed: symmetric 8-bit grids that put the extreme weight on the lowest level
+    need it; ggml's int8 storage and dot products take it (llama.cpp's own rounding just never emits it)."""
+    rows, cols = offsets.shape
+    d = scales.astype("<f2").reshape(rows, cols // _CARRIER_BLOCK, 1).view(np.uint8)
+    q = offsets.astype(np.int8).reshape(rows, cols // _CARRIER_BLOCK, _CARRIER_BLOCK).view(np.uint8)
+    return np.concatenate([d, q], axis=-1).reshape(rows, -1)
+
+
+def carry(q: QTensor, qtype: T) -> np.ndarray | None:
+    """qtype bytes that dequantize to exactly q's weights, or None when qtype cannot hold them."""
+    width = q.group_width()
+    if width % _CARRIER_BLOCK or q.codes.shape[1] % _CARRIER_BLOCK:
+        return None
+    per_block = width // _CARRIER_BLOCK
+    scales = np.repeat(q.scales, per_block, axis=1)
+    zeros = np.repeat(q.zeros.astype(np.int16), per_block, axis=1)
+    offsets = q.codes.astype(np.int16) - np.repeat(zeros, _CARRIER_BLOCK, axis=1)
+    lo, hi = int(offsets.min()), int(offsets.max())
+    try:
+        if qtype == T.Q4_0 and -8 <= lo and hi <= 7:
+            return pack_q4_0(offsets + 8, scales)
+        if qtype == T.Q5_0 and -16 <= lo and hi <= 15:
+            return pack_q5_0(offsets + 16, scales)
+        if qtype == T.Q8_0 and -127 <= lo and hi <= 127:
+            return pack_q8_0(offsets, scales)
+        if qtype == T.Q8_0 and -128 <= lo and hi <= 127 and _fp16_holds(scales):
+            return _q8_0_full_range(offsets, scales)
+        if qtype == T.Q4_1 and q.bits <= 4:
+            return pack_q4_1(q.codes, scales, -scales.astype(np.float64) * zeros)
+    except ValueError:  # a scale or Q4_1 minimum that fp16 cannot hold: not exact, so not carried
+        return None
+    return None
+
+
+def _fp16_holds(x: np.ndarray) -> bool:
+    h = x.astype(np.float16)
+    return bool(np.isfinite(h).all() and np.array_equal(h.astype(np.float64), x.astype(np.float64)))
