@@ -297,16 +297,13 @@ def export_onnx(
     """Write an onnxruntime decoder (KV cache, GroupQueryAttention, MatMulNBits/QMoE carrying quantized codes
     exactly) and run it with `generate/chat/eval OUT` (engine onnxruntime)."""
     try:
-        from kanana_quant.exporters.onnx import ACCURACY_LEVELS, LM_HEAD_CHOICES, export_onnx as export, export_steps
+        from kanana_quant.exporters.onnx import check_options, export_onnx as export, export_steps
     except ImportError as exc:
         raise KananaQuantError(f"export onnx needs the onnx package ({exc}); install it with "
                                "`pip install 'kanana-quant[onnx]'`") from None
     from kanana_quant.loader import open_model
 
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise KananaQuantError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
-    if lm_head not in LM_HEAD_CHOICES:
-        raise KananaQuantError(f"--lm-head {lm_head!r} is not known; choose one of: {', '.join(LM_HEAD_CHOICES)}")
+    check_options(accuracy_level, lm_head)  # before loading anything
     loaded = open_model(src)
     with progress_bar(f"writing {out.name}", export_steps(loaded.config)) as advance:
         report = export(loaded, out, accuracy_level=accuracy_level, lm_head=lm_head, on_step=advance,

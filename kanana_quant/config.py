@@ -85,10 +85,6 @@ class ModelConfig:
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
-    def is_moe(self) -> bool:
-        return self.moe is not None
-
-    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 

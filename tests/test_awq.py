@@ -1,5 +1,6 @@
-"""AWQ on synthetic layers: it beats plain RTN where activations have outlier channels, its folds leave the
-float function unchanged, its clip search never hurts a group, and degenerate inputs stay finite."""
+"""AWQ on synthetic layers: the production recipe (quant/recipes.py) beats plain RTN where activations have
+outlier channels, its folds leave the float function unchanged, its clip search never hurts a group, and
+degenerate inputs stay finite."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from kanana_quant.quant import awq
-from kanana_quant.quant.awq import awq_quantize_group, fold_scales, search_clip, search_scales
+from kanana_quant.config import ModelConfig
+from kanana_quant.layers_torch import TorchLayer
+from kanana_quant.qcheckpoint import QuantFormat
+from kanana_quant.quant.awq import fold_scales, search_clip, search_scales
 from kanana_quant.quant.grid import QuantSpec, dequantize, quantize_rtn
+from kanana_quant.quant.options import LayerReport, QuantOptions
+from kanana_quant.quant.recipes import CodeRounder, Recipe, set_weight
+from kanana_quant.synth import TINY
 
 
 def rtn(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -37,14 +44,43 @@ def scaled_rtn_err(x, weights, s, spec):
     return sum(out_err(x, w, rtn(w * s, spec) / s) for w in weights)
 
 
+def outlier_decoder_layer(seed: int, hidden: int = 256, seq: int = 64, n_seq: int = 24):
+    """A decoder layer with random weights, and calibration / held-out hidden states where a few channels are
+    20–60× larger, as in real LLMs (they survive the RMSNorm relative to the other channels)."""
+    cfg = ModelConfig.from_hf({**TINY["dense"], "hidden_size": hidden, "head_dim": 64, "intermediate_size": 512},
+                              "synthetic")
+    g = torch.Generator().manual_seed(seed)
+    w = {"attn_norm": torch.ones(hidden), "ffn_norm": torch.ones(hidden)}
+    for role in ("q", "k", "v", "o", "gate", "up", "down"):
+        out, cols = {"q": (cfg.q_size, hidden), "k": (cfg.kv_size, hidden), "v": (cfg.kv_size, hidden),
+                     "o": (hidden, cfg.q_size), "down": (hidden, 512)}.get(role, (512, hidden))
+        w[role] = torch.randn(out, cols, generator=g) / cols ** 0.5
+    mag = torch.ones(hidden)
+    mag[torch.randperm(hidden, generator=g)[:6]] = torch.empty(6).uniform_(20, 60, generator=g)
+    x = torch.randn(2 * n_seq, seq, hidden, generator=g) * mag
+    return cfg, w, x[:n_seq].numpy(), x[n_seq:]
+
+
+def quantized_layer_error(method: str, bits: int, sym: bool, seed: int) -> float:
+    """Held-out output error of the layer after Recipe quantized it with `method` (as quantize_model does)."""
+    cfg, w, calib, held_out = outlier_decoder_layer(seed)
+    reference = TorchLayer(cfg, dict(w), 64).forward(held_out)
+    opts = QuantOptions(QuantFormat(method, bits, 128, sym), samples=len(calib), seq_len=64)
+    layer = TorchLayer(cfg, {r: t.clone() for r, t in w.items()}, 64)
+    recipe = Recipe(cfg, opts, CodeRounder(opts))
+    stored = recipe.quantize(layer, 0, calib, LayerReport(0, 0.0))
+    assert set(stored) == {"q", "k", "v", "o", "gate", "up", "down"}
+    for role, q in stored.items():  # the layer as the checkpoint will hold it (AWQ's folded norms included)
+        set_weight(layer, role, q)
+    return (layer.forward(held_out) - reference).pow(2).mean().item()
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("sym", [True, False])
-def test_awq_beats_plain_rtn_on_outlier_channels(bits, sym):
-    spec = QuantSpec(bits, 128, sym)
-    x_cal, x_test, w = outlier_layer(seed=bits * 10 + sym)
-    s, [w_awq] = awq_quantize_group(x_cal, [w], spec)
-    ratio = out_err(x_test, w, rtn(w_awq, spec) / s) / out_err(x_test, w, rtn(w, spec))
-    # Measured 0.17–0.34 across these settings on held-out tokens; 0.8 is the required ≥20% margin.
+def test_awq_recipe_beats_plain_rtn_on_outlier_channels(bits, sym):
+    seed = bits * 10 + sym
+    ratio = quantized_layer_error("awq", bits, sym, seed) / quantized_layer_error("rtn", bits, sym, seed)
+    # Measured 0.34–0.66 across these settings on held-out hidden states; 0.8 is the required ≥20% margin.
     assert ratio <= 0.8, ratio
 
 
@@ -153,10 +189,11 @@ def test_degenerate_inputs_stay_finite():
     w[3] = 0  # a dead output row
     w[:, 128:] = 0  # a whole zero group column
     zeros = torch.zeros(32, 256)
-    for duo in (True, False):
-        s, ws = awq_quantize_group(x, [w, zeros], spec, duo_scaling=duo)
+    for duo in (True, False):  # as the recipe does: scales folded into the weights, each clipped on x / s
+        s = search_scales(x, [w, zeros], spec, duo_scaling=duo)
         assert torch.isfinite(s).all() and (s > 0).all()
-        for wq in ws:
+        for ws in (w * s, zeros * s):
+            wq = search_clip(x / s, ws, spec)
             assert torch.isfinite(wq).all() and torch.isfinite(rtn(wq, spec) / s).all()
         g = torch.ones(256)
         fold_scales(g, [], s)

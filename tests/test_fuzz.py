@@ -546,5 +546,5 @@ def test_every_target_ran(seeds):
                                             "outcomes": {f"{t}/{o}": n for (t, o), n in OUTCOMES.items()}}))
     if TRIED:  # when the whole module ran (not a -k selection)
         assert all(n >= min(EXAMPLES, 20) for n in TRIED.values()), TRIED
-        # Byte mutations must not all be rejected: some mutated inputs still load (the check means something).
-        assert OUTCOMES.get(("gguf bytes", "ok"), 0) + OUTCOMES.get(("gguf bytes", "error"), 0) == TRIED["gguf bytes"]
+        # Byte mutations must neither all be rejected nor all load: both outcomes were exercised.
+        assert OUTCOMES.get(("gguf bytes", "ok"), 0) > 0 and OUTCOMES.get(("gguf bytes", "error"), 0) > 0, OUTCOMES

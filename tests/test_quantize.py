@@ -10,7 +10,11 @@ import sys
 import numpy as np
 import pytest
 
+from safetensors.numpy import load_file
+
 from conftest import SAMPLE_TEXT
+from packing_oracles import autoawq_dequant, autogptq_dequant
+from kanana_quant import names
 from kanana_quant.loader import open_model
 from kanana_quant.qcheckpoint import QuantFormat, QuantizedCheckpoint
 from kanana_quant.quant.driver import quantize_model
@@ -26,16 +30,31 @@ def quantize(src, out, method, bits=4, group_size=32, sym=True, **kw):
 
 
 class Dequantized:
-    """The oracle side: a float model whose linears are the checkpoint's weights dequantized in full."""
+    """The oracle side: a float model whose linears are the checkpoint's packed tensors, read by the
+    `safetensors` package and dequantized by AutoGPTQ's / AutoAWQ's own readers (tests/packing_oracles.py),
+    not by kanana_quant's unpackers."""
 
     def __init__(self, ckpt):
         self.ckpt, self.config = ckpt, ckpt.config
+        self.hf = names.hf_name_map(ckpt.config)
+        self.tensors = {}
+        for file in sorted(ckpt.dir.glob("*.safetensors")):
+            self.tensors.update(load_file(file))
 
     def get(self, name, dtype=np.float32):
-        return self.ckpt.get(name, dtype)
+        if not self.ckpt.is_quantized(name):
+            return self.ckpt.get(name, dtype)
+        fmt, base = self.ckpt.format, self.hf[name].removesuffix(".weight")
+        qweight, qzeros = self.tensors[base + ".qweight"], self.tensors[base + ".qzeros"]
+        scales = self.tensors[base + ".scales"].astype(np.float32)
+        if fmt.layout == "awq":
+            weight = autoawq_dequant(qweight, qzeros, scales, fmt.group_size)
+        else:
+            weight = autogptq_dequant(qweight, qzeros, scales, fmt.bits_for(name), fmt.group_size)
+        return weight.T.numpy().astype(dtype)  # the readers give [in, out]
 
     def linear(self, name, bias=None):
-        return FloatLinear(self.ckpt.get(name), None if bias is None else self.ckpt.get(bias))
+        return FloatLinear(self.get(name), None if bias is None else self.get(bias))
 
 
 @pytest.mark.parametrize("method, bits, sym", [("rtn", 4, True), ("gptq", 3, False), ("awq", 4, False),

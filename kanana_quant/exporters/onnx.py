@@ -450,6 +450,14 @@ def _estimate_bytes(model, opts: _Options) -> int:
     return int(model.weights.nbytes() * (2.2 if model.weights.format is None else 1.5)) + (1 << 20)  # float sources grow from bf16 to fp32
 
 
+def check_options(accuracy_level: int, lm_head: str) -> None:
+    """The export's own settings, checked before any model is loaded."""
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise KananaQuantError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
+    if lm_head not in LM_HEAD_CHOICES:
+        raise KananaQuantError(f"--lm-head {lm_head!r} is not known; choose one of: {', '.join(LM_HEAD_CHOICES)}")
+
+
 def export_onnx(model, out_dir: str | Path, accuracy_level: int = 4, lm_head: str = "auto",
                 on_step: Callable[[str], None] | None = None, overwrite: bool = False) -> ExportReport:
     """Write `model` (a LoadedModel) as an ONNX export directory; returns what was written.
@@ -458,10 +466,7 @@ def export_onnx(model, out_dir: str | Path, accuracy_level: int = 4, lm_head: st
     4 = int8 activations, the fast CPU path). lm_head: auto (the checkpoint's codes when it quantized lm_head,
     8-bit RTN for other quantized sources, float for float sources), float, q8 or q4.
     """
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise KananaQuantError(f"--accuracy-level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
-    if lm_head not in LM_HEAD_CHOICES:
-        raise KananaQuantError(f"--lm-head {lm_head!r} is not known; choose one of: {', '.join(LM_HEAD_CHOICES)}")
+    check_options(accuracy_level, lm_head)
     _check_expressible(model)
     out = Path(out_dir)
     if out.suffix in (".onnx", ".gguf"):

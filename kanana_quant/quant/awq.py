@@ -19,7 +19,7 @@ AWQ skips clipping q and k, whose error is amplified by the q·k product that a 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -151,7 +151,7 @@ def fold_scales(prev: torch.Tensor, nexts: list[torch.Tensor], s: torch.Tensor) 
                                              tokens, not channels, so it commutes with a per-channel s;
                                              with GQA a v channel feeds several o columns, and AutoAWQ
                                              (like llm-awq) skips the pair.
-    Pass nexts=[] to fold s into prev alone when the nexts already carry it (awq_quantize_group).
+    Pass nexts=[] to fold s into prev alone when the nexts already carry it.
     """
     if prev.shape[0] != s.numel() or any(n.dim() != 2 or n.shape[1] != s.numel() for n in nexts):
         raise ValueError(f"scale of {s.numel()} channels does not fit prev {tuple(prev.shape)} / nexts "
@@ -159,20 +159,3 @@ def fold_scales(prev: torch.Tensor, nexts: list[torch.Tensor], s: torch.Tensor) 
     prev.div_(s.to(prev.dtype).reshape(-1, *([1] * (prev.dim() - 1))))
     for n in nexts:
         n.mul_(s.to(n.dtype).reshape(1, -1))
-
-
-@torch.no_grad()
-def awq_quantize_group(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec, n_grid: int = 20,
-                       duo_scaling: bool = True, clip: bool | Sequence[bool] = True,
-                       forward: Forward | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """search_scales, then search_clip of each W·s on x/s: returns s and the scaled, clipped weights, ready
-    for RTN. They already carry s, so fold s into the previous op alone: fold_scales(prev, [], s).
-    `clip` may be one flag per weight (AWQ passes False for q and k)."""
-    s = search_scales(x, weights, spec, n_grid, duo_scaling, forward)
-    flags = [clip] * len(weights) if isinstance(clip, bool) else list(clip)
-    xs = _subsample(x, 512).float() / s
-    out = []
-    for w, c in zip(weights, flags):
-        ws = w.float() * s
-        out.append((search_clip(xs, ws, spec) if c else ws).to(w.dtype))
-    return s, out

@@ -90,13 +90,6 @@ def _extreme_params(extreme: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tenso
     return scale, torch.full_like(scale, half)
 
 
-def minmax_params(w: torch.Tensor, spec: QuantSpec, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) [rows, 1] covering `shrink` × the row's range."""
-    xmin = torch.clamp(w.min(dim=1, keepdim=True).values, max=0)
-    xmax = torch.clamp(w.max(dim=1, keepdim=True).values, min=0)
-    return _range_params(xmin * shrink, xmax * shrink, spec)
-
-
 def fit_params(w: torch.Tensor, spec: QuantSpec, search: bool = True,
                importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) for one group of columns w [rows, cols].
