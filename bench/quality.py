@@ -87,7 +87,7 @@ def main() -> None:
                 out = work / f"{name}-{bits}-{group}"
                 t0 = time.perf_counter()
                 opts = QuantOptions(QuantFormat(method, bits, group, sym), samples=args.samples,
-                                    seq_len=args.seq_len, extra={"search": search})
+                                    seq_len=args.seq_len, search=search)
                 quantize_model(model, out, opts)
                 seconds = time.perf_counter() - t0
                 engine = NumpyEngine(open_checkpoint(out), max_seq_len=args.ctx)

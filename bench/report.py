@@ -30,10 +30,18 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def cpu_name(machine: dict) -> str:
+    """The CPU a result ran on: its model and the instruction sets speed depends on (results before
+    2026-12-01 recorded only the architecture)."""
+    cpu = machine.get("cpu", "?")
+    if isinstance(cpu, dict):
+        return f"{cpu['model']} ({', '.join(cpu['flags']) or 'no AVX2'}{'' if 'amx_int8' in cpu['flags'] else ', no AMX'})"
+    return f"{cpu} (model not recorded; the AMD EPYC machine of issues 13 and 18)"
+
+
 def provenance(result: dict) -> str:
     m = result.get("machine", {})
-    return (f"{m.get('date', '?')}, {m.get('cores', '?')}-core {m.get('cpu', '?')}, "
-            f"`python bench/{m.get('command', '?')}`")
+    return f"{m.get('date', '?')}, {m.get('cores', '?')}-core {cpu_name(m)}, `python bench/{m.get('command', '?')}`"
 
 
 def _figure(name: str, results: list[dict], draw) -> str:
@@ -45,7 +53,7 @@ def _figure(name: str, results: list[dict], draw) -> str:
     fig, axes = draw(plt)
     for k, result in enumerate(reversed(results)):
         m = result.get("machine", {})
-        fig.text(0.01, 0.01 + 0.03 * k, f"{m.get('date', '?')} · {m.get('cores', '?')}-core {m.get('cpu', '?')} · "
+        fig.text(0.01, 0.01 + 0.03 * k, f"{m.get('date', '?')} · {m.get('cores', '?')}-core {cpu_name(m)} · "
                                         f"python bench/{m.get('command', '?')}", fontsize=7, color="0.35")
     fig.tight_layout(rect=(0, 0.04 * len(results), 1, 1))
     FIGURES.mkdir(parents=True, exist_ok=True)
@@ -129,7 +137,10 @@ def speed_section(s: dict, name: str) -> list[str]:
              f"Measured read bandwidth {s.get('read_bandwidth_gbs', '?')} GB/s; the decode bound is the bytes of "
              "weights one token reads divided by it." + (f" {s['note']}" if s.get("note") else ""), "",
              "Best of the rounds, the median after it where recorded, and every round in brackets: single rounds "
-             "on this machine vary by about 15%.", "",
+             "on this machine vary by about 15%."
+             + (f" llama.cpp: {s['llama_cpp_build']['configuration']} (built with "
+                f"{', '.join(s['llama_cpp_build']['features'])})."
+                if s.get("llama_cpp_build") else " llama.cpp: llama-cpp-python's default build (not recorded)."), "",
              "| model | engine | decode tok/s | × llama.cpp | prefill tok/s | × llama.cpp | peak RSS GiB | RSS / file |",
              "|---|---|---|---|---|---|---|---|"]
     models = s.get("models", {})

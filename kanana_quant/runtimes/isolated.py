@@ -11,7 +11,6 @@ child whose parent dies reads end-of-file and exits.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import struct
