@@ -1,0 +1,97 @@
+"""Grammar-constrained decoding with llguidance: a JSON schema or a Lark grammar becomes, at each step, the set
+of tokens that keep the output inside the grammar; the decode loop (runtimes.generate) masks every other
+token before sampling, so output that completes always parses.
+
+Why llguidance (measured in bench/serve.py `grammar`, numbers in README "Serving"): it installs from one
+abi3 wheel with no dependencies (xgrammar pulls in torch, transformers and triton; outlines-core has to
+compile a whole-vocabulary index per schema before the first token), it computes a mask lazily over a token
+trie in tens of microseconds, and its Lark dialect takes inline JSON schemas and special tokens, which is what
+Kanana's `<function=NAME>{json}</function>` tool calls need.
+"""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+import numpy as np
+from llguidance.numpy import fill_next_token_bitmask
+
+from kanana_quant.errors import KananaQuantError
+
+# Compact JSON with the separators Python's json.dumps and most models use: no free whitespace, so a small
+# or random model cannot spend its token budget on spaces and newlines inside a JSON value.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarCompiler:
+    """Compiles grammars for one model's tokenizer (building the token trie takes about a second for a
+    128K vocabulary, so it is done once). `vocab_size` is the width of the model's logits, which may exceed the
+    tokenizer's: tokens past it are never allowed."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: list[int]):
+        self.vocab_size = vocab_size
+        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_ids))
+
+    def json_schema(self, schema: dict, where: str = "schema") -> "Grammar":
+        try:
+            text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        except ValueError as e:
+            raise KananaQuantError(f"{where}: {str(e).splitlines()[0][:300]}") from None
+        return self._checked(text, where)
+
+    def lark(self, grammar: str, where: str = "grammar") -> "Grammar":
+        return self._checked(llguidance.LLMatcher.grammar_from_lark(grammar), where)
+
+    def _checked(self, text: str, where: str) -> "Grammar":
+        error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer)
+        if error:
+            raise KananaQuantError(f"{where}: cannot be enforced ({error.splitlines()[0][:300]})")
+        return Grammar(self, text)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (a special token's name for special tokens)."""
+        return self.tokenizer.decode_bytes([token])
+
+
+class Grammar:
+    """A compiled grammar; `start()` gives a fresh matcher for one generation."""
+
+    def __init__(self, compiler: GrammarCompiler, text: str):
+        self.compiler, self.text = compiler, text
+
+    def start(self) -> "Constraint":
+        return Constraint(self.compiler, self.text)
+
+
+class Constraint:
+    """One generation's position in a grammar, following runtimes.generate.Constraint: which tokens may come
+    next, advanced by each sampled token. Not thread-safe; one per request."""
+
+    def __init__(self, compiler: GrammarCompiler, text: str):
+        self.vocab_size = compiler.vocab_size
+        self.matcher = llguidance.LLMatcher(compiler.tokenizer, text, log_level=0)
+        if self.matcher.is_error():
+            raise KananaQuantError(f"grammar: {self.matcher.get_error().splitlines()[0][:300]}")
+        self._bits = np.zeros((1, (self.vocab_size + 31) // 32), np.int32)
+
+    def allowed(self) -> np.ndarray:
+        """Boolean mask over the vocabulary: True where the token keeps the output inside the grammar."""
+        fill_next_token_bitmask(self.matcher, self._bits)
+        if self.matcher.is_error():
+            raise RuntimeError(f"grammar matcher failed: {self.matcher.get_error()[:300]}")
+        return np.unpackbits(self._bits[0].view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.consume_token(int(token)):
+            raise RuntimeError(f"grammar matcher refused token {token}: {self.matcher.get_error()[:300]}")
+
+    def done(self) -> bool:
+        """True once the grammar admits nothing more than the end of the sequence."""
+        return self.matcher.is_stopped()
+
+
+def inline_json(schema: dict) -> str:
+    """A JSON schema as a Lark rule body (`%json {...}`), with our JSON options (llguidance reads them from the
+    schema's "x-guidance" key, which takes precedence over the defaults a grammar is compiled with)."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
