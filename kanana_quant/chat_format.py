@@ -299,8 +299,7 @@ class ToolCallParser:
             events += self._arguments('"}')
         elif self.state == "text" and self.buf:
             events.append(Content(self.buf))
-        elif self.state == "name":  # an unfinished marker is text after all
-            events.append(Content(CALL_OPEN + self.buf))
+        # state "name": a call cut off inside its name (max_tokens) has nothing to report
         elif self.state == "close" and self.buf:
             events.append(Content(self.buf))
         self.buf, self.state = "", "done"
