@@ -390,12 +390,13 @@ def serve(
     engine: str = EngineOption,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, help="TCP port."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KANANA_QUANT_API_KEY",
-                                          help="Require `Authorization: Bearer KEY` on /v1 (or set KANANA_QUANT_API_KEY)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="KANANA_QUANT_API_KEY",
+        help="Require `Authorization: Bearer KEY` on /v1 (or set KANANA_QUANT_API_KEY)."),
     parallel: int = typer.Option(1, help="Sequences decoded at once: engine instances, each with its own KV cache."),
     ctx: Optional[int] = typer.Option(None, help="Context length in tokens (default: the model's)."),
     queue: int = typer.Option(16, help="Requests that may wait for a free slot; more get 503 with Retry-After."),
-    name: Optional[str] = typer.Option(None, help="Model id for clients (default: the model's file or directory name)."),
+    name: Optional[str] = typer.Option(None, help="Model id for clients (default: the model's file or folder name)."),
 ):
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) with a chat page at /."""
     import importlib.util
@@ -406,11 +407,12 @@ def serve(
     from kanana_quant.serve import Settings, open_service, run
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        log(f"[yellow]listening on {host} without --api-key: anyone who can reach this address can use the model[/yellow]")
+        log(f"[yellow]listening on {host} without --api-key: anyone who can reach it can use the model[/yellow]")
     service = open_service(model, Settings(engine=engine, parallel=parallel, ctx=ctx, max_queue=queue, name=name,
                                            api_key=api_key))
-    log(f"[bold]serving {service.name}[/bold] ({service.engine_name}, {parallel} slot{'s' if parallel > 1 else ''}, "
-        f"context {service.context}) on http://{host}:{port}/ — OpenAI API at http://{host}:{port}/v1")
+    slots = f"{parallel} slot{'s' if parallel > 1 else ''}"
+    log(f"[bold]serving {service.name}[/bold] ({service.engine_name}, {slots}, context {service.context}) on "
+        f"http://{host}:{port}/ — OpenAI API at http://{host}:{port}/v1")
     run(service, host, port)
 
 

@@ -43,7 +43,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     param = ".".join(loc) or None
     kind = err.get("type", "")
     if kind == "json_invalid":
-        return f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'syntax error')})", None, "invalid_json"
+        reason = err.get("ctx", {}).get("error", "syntax error")
+        return f"request body is not valid JSON ({reason})", None, "invalid_json"
     if kind == "extra_forbidden":
         return f"unrecognized request argument supplied: {param}", param, "unknown_parameter"
     if kind == "missing":

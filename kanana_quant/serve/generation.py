@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from kanana_quant.chat_format import CallArguments, CallStart, Content, ToolCallParser
+from kanana_quant.chat_format import Content, ToolCallParser
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.runtimes.generate import Constraint, Decoding, Step, common_prefix
 from kanana_quant.runtimes.sampling import SamplingParams
@@ -74,43 +74,8 @@ class Generation:
         engine, ids = slot.engine, self.prompt_ids
         reuse = min(common_prefix(slot.cached, ids), len(ids) - 1)  # at least one token to run
         generated: list[int] = []
-        decoding = Decoding(engine, ids, self.max_tokens, self.params, self.tok.eos_ids, reuse, self.constraint,
-                            self.logprobs)
-        text, stopper = self.tok.stream(), StopStrings(self.stops)
-        parser = ToolCallParser() if self.tools else None
-        reason, pending = None, []
         try:
-            for step in decoding:
-                if self.cancelled.is_set():
-                    return None
-                generated.append(step.token)
-                pending.append(step)
-                if parser is not None and step.token == self.python_tag:
-                    events = parser.python_tag()
-                else:
-                    piece, stopped = stopper.push(text.push(step.token))
-                    events = parser.feed(piece) if parser else ([Content(piece)] if piece else [])
-                    if stopped:
-                        reason = "stop"
-                if events or reason:
-                    self.emit(Piece(events, pending))
-                    pending = []
-                if reason:
-                    break
-            if reason is None:
-                piece, stopped = stopper.push(text.flush())
-                piece += "" if stopped else stopper.flush()
-                reason = "stop" if stopped else decoding.finish_reason
-                events = parser.feed(piece) if parser else ([Content(piece)] if piece else [])
-            else:
-                events = []
-            if parser is not None:
-                events += parser.finish()
-                if parser.calls and reason == "stop":
-                    reason = "tool_calls"
-            if events or pending:
-                self.emit(Piece(events, pending))
-            self.emit(Finish(reason, len(ids), len(generated), reuse))
+            self._decode(engine, reuse, generated)
             return None
         except Exception as e:  # the engine crashed or refused: the client gets one line
             self.emit(Failure(e))
@@ -119,11 +84,46 @@ class Generation:
             # The last sampled token was never fed back, so the cache holds everything before it.
             slot.cached = (ids + generated)[: engine.pos]
 
+    def _decode(self, engine, reuse: int, generated: list[int]) -> None:
+        decoding = Decoding(engine, self.prompt_ids, self.max_tokens, self.params, self.tok.eos_ids, reuse,
+                            self.constraint, self.logprobs)
+        text, stopper = self.tok.stream(), StopStrings(self.stops)
+        parser = ToolCallParser() if self.tools else None
+        reason, pending = None, []
+        for step in decoding:
+            if self.cancelled.is_set():
+                return
+            generated.append(step.token)
+            pending.append(step)
+            if parser is not None and step.token == self.python_tag:
+                events = parser.python_tag()
+            else:
+                piece, stopped = stopper.push(text.push(step.token))
+                events = parser.feed(piece) if parser else ([Content(piece)] if piece else [])
+                if stopped:
+                    reason = "stop"
+            if events or reason:
+                self.emit(Piece(events, pending))
+                pending = []
+            if reason:
+                break
+        events = []
+        if reason is None:
+            piece, stopped = stopper.push(text.flush())
+            piece += "" if stopped else stopper.flush()
+            reason = "stop" if stopped else decoding.finish_reason
+            events = parser.feed(piece) if parser else ([Content(piece)] if piece else [])
+        if parser is not None:
+            events += parser.finish()
+            if parser.calls and reason == "stop":
+                reason = "tool_calls"
+        if events or pending:
+            self.emit(Piece(events, pending))
+        self.emit(Finish(reason, len(self.prompt_ids), len(generated), reuse))
+
 
 def check_prompt(prompt_ids: Sequence[int], context: int) -> None:
     if len(prompt_ids) >= context:
         raise KananaQuantError(f"this model's context is {context} tokens; the prompt has {len(prompt_ids)}, "
                                "which leaves no room for a reply")
 
-
-__all__ = ["CallArguments", "CallStart", "Content", "Failure", "Finish", "Generation", "Piece", "StopStrings"]

@@ -114,6 +114,8 @@ class Service:
             raise APIError(400, f"{param}: {e}", param, "invalid_json_schema") from None
 
     def chat(self, req: ChatRequest, emit: Callable[[object], None]) -> Generation:
+        """Runs on the event loop's thread, deliberately: the chat-template sandbox bounds a render with a
+        process-wide memory limit and (on the main thread) a timer, so renders must not overlap."""
         self.check_model(req.model)
         messages = [_message(m) for m in req.messages]
         tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
