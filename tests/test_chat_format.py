@@ -138,3 +138,21 @@ def test_auto_choice_lets_text_through_but_not_a_broken_call(tiny):
 def test_named_tool_must_exist():
     with pytest.raises(KananaQuantError, match="not among the tools"):
         tool_grammar([WEATHER], "nope")
+
+
+def test_objects_are_closed_so_a_model_cannot_invent_keys(tiny):
+    """An object schema that lists its properties but does not forbid others: the grammar closes it, so forced
+    arguments carry only declared keys (and still validate against the open schema)."""
+    loaded, engine, compiler = tiny
+    tok = loaded.tokenizer
+    open_tool = {"name": "lookup", "parameters": {"type": "object", "properties": {
+        "q": {"type": "string", "maxLength": 6}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}}
+    grammar = compiler.lark(tool_grammar([open_tool], "lookup"))
+    prompt = tok.encode(render_prompt(tok, [{"role": "user", "content": "찾아줘"}], [open_tool]))
+    for seed in range(8):
+        decoding = Decoding(engine, prompt, 60, SamplingParams(temperature=1.0, seed=seed), tok.eos_ids, 0,
+                            grammar.start())
+        _, calls = parse_reply(tok.decode([s.token for s in decoding]))
+        arguments = json.loads(calls[0]["arguments"])
+        assert decoding.finish_reason == "stop" and set(arguments) <= {"q", "n"}
+        jsonschema.validate(arguments, open_tool["parameters"])

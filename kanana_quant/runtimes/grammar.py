@@ -35,7 +35,7 @@ class GrammarCompiler:
 
     def json_schema(self, schema: dict, where: str = "schema") -> "Grammar":
         try:
-            text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+            text = llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema), defaults=JSON_OPTIONS)
         except ValueError as e:
             raise KananaQuantError(f"{where}: {str(e).splitlines()[0][:300]}") from None
         return self._checked(text, where)
@@ -91,7 +91,36 @@ class Constraint:
         return self.matcher.is_stopped()
 
 
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema):
+    """The schema with `"additionalProperties": false` on every object that lists its properties and does not
+    say otherwise. JSON Schema lets such objects carry any other key, and a grammar then lets a model invent
+    keys without end; closed, every output still validates against the original (OpenAI's strict mode asks
+    the same of the schemas it takes)."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed_objects(v) for k, v in out[key].items()}
+    for key in ("items", "not", "if", "then", "else", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out \
+            and "patternProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def inline_json(schema: dict) -> str:
-    """A JSON schema as a Lark rule body (`%json {...}`), with our JSON options (llguidance reads them from the
-    schema's "x-guidance" key, which takes precedence over the defaults a grammar is compiled with)."""
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+    """A JSON schema as a Lark rule body (`%json {...}`), objects closed, with our JSON options (llguidance
+    reads them from the schema's "x-guidance" key, which takes precedence over a grammar's defaults)."""
+    return "%json " + json.dumps({**closed_objects(schema), "x-guidance": JSON_OPTIONS}, ensure_ascii=False)

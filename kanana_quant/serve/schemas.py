@@ -61,6 +61,10 @@ class Message(Strict):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+    # What clients echo back from an earlier response: accepted when empty.
+    function_call: None = None
+    audio: None = None
+    annotations: list[dict[str, Any]] | None = None
 
 
 class JsonSchemaFormat(Strict):
