@@ -131,8 +131,10 @@ def test_streaming_equals_non_streaming(client):
 def test_seed_replays_and_temperature_samples(client):
     kw = dict(model=NAME, messages=HELLO, max_tokens=10, temperature=1.0)
     a, b = (client.chat.completions.create(**kw, seed=3).choices[0].message.content for _ in range(2))
-    others = {client.chat.completions.create(**kw, seed=s).choices[0].message.content for s in (4, 5, 6)}
+    others = {client.chat.completions.create(**kw, seed=s).choices[0].message.content for s in (4, 5, -6)}
     assert a == b and others - {a}
+    greedy = client.chat.completions.create(**{**kw, "temperature": 0}).choices[0].message.content
+    assert client.chat.completions.create(**{**kw, "temperature": 1e-300}).choices[0].message.content == greedy
 
 
 def test_completions_logprobs_are_the_engines(client, loaded, oracle):
@@ -317,6 +319,10 @@ HOSTILE = [  # (what, method, path, body, extra headers, status, error code or N
     ("schema llguidance cannot enforce", "POST", "/v1/chat/completions", chat_body(response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "https://example.com/s.json"}}}),
      {}, 400, "invalid_json_schema"),
+    ("schema nested 900 deep", "POST", "/v1/chat/completions", chat_body(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": json.loads(
+            '{"type": "array", "items": ' * 900 + '{"type": "integer"}' + "}" * 900)}}), {}, 400,
+     "invalid_json_schema"),
     ("invalid tool parameters", "POST", "/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 12}}}}}]), {}, 400,
      "invalid_json_schema"),

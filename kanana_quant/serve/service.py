@@ -21,6 +21,9 @@ from kanana_quant.serve.schemas import MAX_STOPS, ChatRequest, CompletionRequest
 from kanana_quant.serve.slots import SlotPool
 
 
+MIN_TEMPERATURE = 1e-6
+
+
 @dataclass
 class Settings:
     engine: str = "auto"
@@ -77,8 +80,12 @@ class Service:
     # -----------------------------------------------------------------------------------------------------
 
     def _sampling(self, req: Sampling) -> SamplingParams:
-        return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                              repetition_penalty=req.repetition_penalty, seed=req.seed)
+        # Dividing float32 logits by a temperature near float32's smallest normal overflows them to inf; that
+        # close to 0, sampling is greedy anyway. Seeds are any integer in OpenAI's API; numpy takes unsigned.
+        temperature = req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0
+        seed = None if req.seed is None else req.seed % 2**64
+        return SamplingParams(temperature=temperature, top_k=req.top_k, top_p=req.top_p,
+                              repetition_penalty=req.repetition_penalty, seed=seed)
 
     def _stops(self, req: Sampling) -> list[str]:
         stops = req.stops()
@@ -112,6 +119,8 @@ class Service:
             return build()
         except KananaQuantError as e:
             raise APIError(400, f"{param}: {e}", param, "invalid_json_schema") from None
+        except RecursionError:
+            raise APIError(400, f"{param}: schema nested too deeply", param, "invalid_json_schema") from None
 
     def chat(self, req: ChatRequest, emit: Callable[[object], None]) -> Generation:
         """Runs on the event loop's thread, deliberately: the chat-template sandbox bounds a render with a
