@@ -301,7 +301,7 @@ def chat_body(**fields) -> bytes:
 
 HOSTILE = [  # (what, method, path, body, extra headers, status, error code or None)
     ("malformed JSON", "POST", "/v1/chat/completions", b'{"model": "tiny", "messages": [', {}, 400, "invalid_json"),
-    ("body is not an object", "POST", "/v1/chat/completions", b"[1, 2, 3]", {}, 400, None),
+    ("body is not an object", "POST", "/v1/chat/completions", b"[1, 2, 3]", {}, 400, "invalid_value"),
     ("invalid UTF-8", "POST", "/v1/chat/completions", b'{"model": "\xff\xfe"}', {}, 400, None),
     ("nesting 100k deep", "POST", "/v1/chat/completions", b"[" * 100_000, {}, 400, None),
     ("unknown field", "POST", "/v1/chat/completions", chat_body(frobnicate=1), {}, 400, "unknown_parameter"),

@@ -45,6 +45,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     if kind == "json_invalid":
         reason = err.get("ctx", {}).get("error", "syntax error")
         return f"request body is not valid JSON ({reason})", None, "invalid_json"
+    if not loc and kind in ("model_attributes_type", "dict_type"):
+        return "request body must be a JSON object (Content-Type: application/json)", None, "invalid_value"
     if kind == "extra_forbidden":
         return f"unrecognized request argument supplied: {param}", param, "unknown_parameter"
     if kind == "missing":
