@@ -500,3 +500,16 @@ def test_cli_serve_starts_and_stops_on_sigterm(serve_model):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_chat_page_is_self_contained(server):
+    """The page and everything it loads come from this server: no CDN, nothing to build."""
+    import re
+
+    status, headers, html = raw(server, "GET", "/")
+    assert status == 200 and "default-src 'self'" in headers["Content-Security-Policy"]
+    links = re.findall(rb'(?:src|href)="([^"]+)"', html)
+    assert links and all(link.startswith(b"/static/") for link in links), links
+    for link in links:
+        status, _, body = raw(server, "GET", link.decode())
+        assert status == 200 and b"http://" not in body and b"https://" not in body
