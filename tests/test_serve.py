@@ -243,12 +243,13 @@ def test_streamed_tool_calls_assemble_to_the_whole(client, parallel):
 
 
 def test_json_schema_output_validates_100_of_100(client):
-    """Seeded sampling at temperature 1 from a random-weight model: only the grammar keeps it valid."""
+    """Seeded sampling at temperature 1 from a random-weight model: only the grammar keeps it valid. PERSON's
+    longest output is under 200 tokens even byte by byte with \\u escapes, so max_tokens never cuts it."""
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 
     def ask(seed):
         r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "사람 한 명"}],
-                                           response_format=fmt, max_tokens=80, temperature=1.0, seed=seed)
+                                           response_format=fmt, max_tokens=200, temperature=1.0, seed=seed)
         return r.choices[0]
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # 4 clients on 2 slots: the queue is used too
@@ -443,7 +444,7 @@ def test_onnxruntime_slots_run_in_parallel_and_match_numpy(serve_model, loaded, 
 
             def ask(seed):
                 return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "사람"}],
-                                                      response_format=fmt, max_tokens=80, seed=seed).choices[0]
+                                                      response_format=fmt, max_tokens=200, seed=seed).choices[0]
 
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 for choice in pool.map(ask, range(8)):
@@ -467,7 +468,7 @@ def test_grammar_holds_in_llama_cpp(loaded, tmp_path):
     grammar = GrammarCompiler(tok.to_files()["tokenizer.json"], gguf.config.vocab_size, tok.eos_ids).json_schema(PERSON)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "사람"}]))
     for seed in range(5):
-        decoding = Decoding(engine, prompt, 80, SamplingParams(temperature=1.0, seed=seed), tok.eos_ids, 0,
+        decoding = Decoding(engine, prompt, 200, SamplingParams(temperature=1.0, seed=seed), tok.eos_ids, 0,
                             grammar.start())
         out = [s.token for s in decoding]
         assert decoding.finish_reason == "stop"
