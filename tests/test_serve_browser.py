@@ -46,8 +46,10 @@ def page(tmp_path):
 
     executable = _chromium()
     with sync_playwright() as p:
+        # The page forbids eval (its CSP); Playwright's polling predicates need it, so the test context
+        # bypasses the CSP (test_serve.py checks the header itself).
         context = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=executable,
-                                                       headless=True, args=FLAGS)
+                                                       headless=True, args=FLAGS, bypass_csp=True)
         try:
             yield context.new_page()
         finally:
