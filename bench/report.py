@@ -30,10 +30,17 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def cpu_name(m: dict) -> str:
+    """The CPU as common.machine() records it: a name, or (newer results) its model and speed-relevant flags."""
+    cpu = m.get("cpu", "?")
+    if isinstance(cpu, dict):
+        return f"{cpu.get('model', '?')} ({', '.join(cpu.get('flags', [])) or 'no AVX2'})"
+    return cpu
+
+
 def provenance(result: dict) -> str:
     m = result.get("machine", {})
-    return (f"{m.get('date', '?')}, {m.get('cores', '?')}-core {m.get('cpu', '?')}, "
-            f"`python bench/{m.get('command', '?')}`")
+    return f"{m.get('date', '?')}, {m.get('cores', '?')}-core {cpu_name(m)}, `python bench/{m.get('command', '?')}`"
 
 
 def _figure(name: str, results: list[dict], draw) -> str:
@@ -45,7 +52,7 @@ def _figure(name: str, results: list[dict], draw) -> str:
     fig, axes = draw(plt)
     for k, result in enumerate(reversed(results)):
         m = result.get("machine", {})
-        fig.text(0.01, 0.01 + 0.03 * k, f"{m.get('date', '?')} · {m.get('cores', '?')}-core {m.get('cpu', '?')} · "
+        fig.text(0.01, 0.01 + 0.03 * k, f"{m.get('date', '?')} · {m.get('cores', '?')}-core {cpu_name(m)} · "
                                         f"python bench/{m.get('command', '?')}", fontsize=7, color="0.35")
     fig.tight_layout(rect=(0, 0.04 * len(results), 1, 1))
     FIGURES.mkdir(parents=True, exist_ok=True)
