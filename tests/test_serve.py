@@ -514,3 +514,26 @@ def test_chat_page_is_self_contained(server):
     for link in links:
         status, _, body = raw(server, "GET", link.decode())
         assert status == 200 and b"http://" not in body and b"https://" not in body
+
+
+def test_a_crashing_engine_is_a_500_and_the_server_goes_on(loaded, tmp_path, monkeypatch):
+    """onnxruntime's child dies of SIGSEGV at every forward: each request gets one line with code
+    engine_crashed, the slot reopens its engine, and the server keeps answering."""
+    from test_isolation import crash_on_forward
+
+    from kanana_quant.exporters.onnx import export_onnx
+
+    export = export_onnx(loaded, tmp_path / "onnx").path
+    for key, value in crash_on_forward(tmp_path / "crash", "onnxruntime").items():
+        monkeypatch.setenv(key, value)
+    service = Service(open_model(str(export)), Settings(engine="onnxruntime", name=NAME, threads=1))
+    try:
+        with running(service) as url:
+            for _ in range(2):
+                status, _, payload = raw(url, "POST", "/v1/chat/completions", chat_body())
+                error = json.loads(payload)["error"]
+                assert status == 500 and error["code"] == "engine_crashed" and "SIGSEGV" in error["message"]
+                assert "\n" not in error["message"]
+                assert raw(url, "GET", "/health")[0] == 200
+    finally:
+        service.close()
