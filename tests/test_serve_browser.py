@@ -89,12 +89,14 @@ def test_stop_button_ends_the_reply_and_frees_the_slot(page_server, page):
     page.goto(url + "/")
     page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
     page.click("#settings summary")
-    page.fill("#max-tokens", "3500")  # tens of seconds of tokens unless stopped
+    page.fill("#max-tokens", "3500")  # seconds of tokens unless stopped
+    page.fill("#temperature", "0")  # greedy: this reply is known not to end early (sampled, it could)
     page.fill("#input", "길게 말해 줘")
     page.press("#input", "Enter")
     page.wait_for_function("document.querySelector('.msg.assistant span') && "
                            "document.querySelector('.msg.assistant span').textContent.length > 0")
-    page.click("#stop")
+    assert page.is_enabled("#stop"), page.inner_text("#log")
+    page.click("#stop")  # while the tiny model streams hundreds of tokens a second
     page.wait_for_selector(".msg.assistant .meta")
     assert "finish: stopped" in page.inner_text(".msg.assistant .meta")
     deadline = time.monotonic() + 5
@@ -102,3 +104,22 @@ def test_stop_button_ends_the_reply_and_frees_the_slot(page_server, page):
         assert time.monotonic() < deadline, "the server kept generating after the page stopped"
         time.sleep(0.05)
     assert json.loads(json.dumps(service.health()))["queued"] == 0
+
+
+def test_tool_calls_show_as_they_stream(page_server, page):
+    url, _ = page_server
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}}
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
+    page.click("#settings summary")
+    page.fill("#tools", json.dumps([tool]))
+    page.select_option("#tool-choice", "required")
+    page.fill("#max-tokens", "40")
+    page.fill("#input", "서울 날씨 알려줘")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant .meta", timeout=30_000)
+    shown = page.inner_text(".msg.assistant .call")
+    assert shown.startswith("🔧 get_weather(") and shown.endswith(")")
+    arguments = json.loads(shown[len("🔧 get_weather("):-1])
+    assert set(arguments) == {"city"} and len(arguments["city"]) <= 8

@@ -58,7 +58,7 @@ async function reply() {
   };
   let toolList;
   try { toolList = tools(); } catch (e) { bubble("error", "Tools are not valid JSON: " + e.message); return; }
-  if (toolList) body.tools = toolList;
+  if (toolList) { body.tools = toolList; body.tool_choice = $("tool-choice").value; }
   const div = bubble("assistant", "");
   const text = document.createElement("span");
   div.appendChild(text);
@@ -106,6 +106,9 @@ async function reply() {
         }
         log.scrollTop = log.scrollHeight;
       }
+      // Let clicks (Stop) and painting in between reads: a fast model fills the network buffer faster than
+      // this loop drains it, and reads of buffered data would otherwise never give the page a turn.
+      await new Promise((resolve) => setTimeout(resolve, 0));
     }
   } catch (e) {
     if (e.name === "AbortError") finish = "stopped";
