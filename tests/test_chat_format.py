@@ -111,7 +111,7 @@ def test_forced_calls_from_a_random_model_validate(tiny, choice):
     grammar = compiler.lark(tool_grammar([WEATHER], choice, parallel=False))
     prompt = tok.encode(render_prompt(tok, [{"role": "user", "content": "날씨"}], [WEATHER]))
     for seed in range(10):
-        decoding = Decoding(engine, prompt, 60, SamplingParams(temperature=1.0, seed=seed), tok.eos_ids, 0,
+        decoding = Decoding(engine, prompt, 150, SamplingParams(temperature=1.0, seed=seed), tok.eos_ids, 0,
                             grammar.start())
         content, calls = parse_reply(tok.decode([s.token for s in decoding]))
         assert decoding.finish_reason == "stop" and content == "" and len(calls) == 1
@@ -150,7 +150,7 @@ def test_objects_are_closed_so_a_model_cannot_invent_keys(tiny):
     grammar = compiler.lark(tool_grammar([open_tool], "lookup"))
     prompt = tok.encode(render_prompt(tok, [{"role": "user", "content": "찾아줘"}], [open_tool]))
     for seed in range(8):
-        decoding = Decoding(engine, prompt, 60, SamplingParams(temperature=1.0, seed=seed), tok.eos_ids, 0,
+        decoding = Decoding(engine, prompt, 150, SamplingParams(temperature=1.0, seed=seed), tok.eos_ids, 0,
                             grammar.start())
         _, calls = parse_reply(tok.decode([s.token for s in decoding]))
         arguments = json.loads(calls[0]["arguments"])
