@@ -481,6 +481,17 @@ def test_grammar_holds_in_llama_cpp(loaded, tmp_path):
     engine.close()
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a socket listening on `port`, from the kernel's table (/proc/net/tcp)."""
+    found = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hexport = local.split(":")
+        if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
 def test_cli_serve_starts_and_stops_on_sigterm(serve_model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -498,6 +509,7 @@ def test_cli_serve_starts_and_stops_on_sigterm(serve_model):
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=3).usage.completion_tokens >= 1
+        assert _listening_addresses(port) == {"127.0.0.1"}  # the default binds this machine only
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 130  # README "Exit codes": interrupted (Ctrl-C or SIGTERM)
         out = proc.stdout.read()
