@@ -156,3 +156,17 @@ def test_objects_are_closed_so_a_model_cannot_invent_keys(tiny):
         arguments = json.loads(calls[0]["arguments"])
         assert decoding.finish_reason == "stop" and set(arguments) <= {"q", "n"}
         jsonschema.validate(arguments, open_tool["parameters"])
+
+
+@pytest.mark.parametrize("width", [1100, 1280, 1400])
+def test_masks_cover_exactly_the_logits(tiny, width):
+    """Logits narrower or wider than the tokenizer (a model padded its embedding, or trimmed it): the mask
+    has the logits' width and never allows a token the tokenizer does not define."""
+    loaded, _, _ = tiny
+    tok = loaded.tokenizer
+    compiler = GrammarCompiler(tok.to_files()["tokenizer.json"], width, tok.eos_ids)
+    constraint = compiler.json_schema({"type": "object", "properties": {"a": {"type": "string"}}}).start()
+    for token in tok.encode('{"a": "'):
+        allowed = constraint.allowed()
+        assert allowed.shape == (width,) and not allowed[tok.vocab_size:].any() and allowed[token]
+        constraint.accept(token)

@@ -24,14 +24,25 @@ from kanana_quant.errors import KananaQuantError
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+def _token_count(tokenizer_json: str) -> int:
+    """1 + the largest token id a tokenizer.json defines (its model's vocabulary and its added tokens)."""
+    data = json.loads(tokenizer_json)
+    vocab = data.get("model", {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]  # Unigram: a list, id = index
+    ids += [t["id"] for t in data.get("added_tokens") or []]
+    return max(ids, default=-1) + 1
+
+
 class GrammarCompiler:
     """Compiles grammars for one model's tokenizer (building the token trie takes about a second for a
-    128K vocabulary, so it is done once). `vocab_size` is the width of the model's logits, which may exceed the
-    tokenizer's: tokens past it are never allowed."""
+    128K vocabulary, so it is done once). `vocab_size` is the width of the model's logits; a tokenizer may
+    count more tokens or fewer, and masks cover exactly the logits (tokens past the tokenizer never allowed,
+    tokens past the logits never sampled)."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: list[int]):
         self.vocab_size = vocab_size
-        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_ids))
+        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=max(vocab_size, _token_count(tokenizer_json)),
+                                                eos_token=[i for i in eos_ids if i < vocab_size])
 
     def json_schema(self, schema: dict, where: str = "schema") -> "Grammar":
         try:
@@ -73,7 +84,7 @@ class Constraint:
         self.matcher = llguidance.LLMatcher(compiler.tokenizer, text, log_level=0)
         if self.matcher.is_error():
             raise KananaQuantError(f"grammar: {self.matcher.get_error().splitlines()[0][:300]}")
-        self._bits = np.zeros((1, (self.vocab_size + 31) // 32), np.int32)
+        self._bits = np.zeros((1, (compiler.tokenizer.vocab_size + 31) // 32), np.int32)
 
     def allowed(self) -> np.ndarray:
         """Boolean mask over the vocabulary: True where the token keeps the output inside the grammar."""
