@@ -198,6 +198,65 @@ def speed_section(s: dict, name: str) -> list[str]:
     return lines + [_figure(name, [s], draw), ""]
 
 
+def serve_section(s: dict) -> list[str]:
+    rows = s["rows"]
+    lines = ["## Serving: concurrent streaming clients, kanana-quant serve vs llama.cpp's server", "",
+             f"Data: {provenance(s)}. Model: {s['model']}. {s['protocol']}. Servers: "
+             + "; ".join(f"`{k}` = {v}" for k, v in s["servers"].items()) + ". Each server alone on the machine, "
+             "started on a free localhost port and warmed up with one request; the load generator runs beside it "
+             "on the same cores.", "",
+             "| server | clients | aggregate tok/s | TTFT p50 / p95 s | latency p50 / p95 s | errors | peak RSS GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['server']} | {r['clients']} | {r['aggregate_tok_s']:.1f} | {r['ttft_p50_s']} / "
+                     f"{r['ttft_p95_s']} | {r['latency_p50_s']} / {r['latency_p95_s']} | {r['errors']} of "
+                     f"{r['requests']} | {r.get('peak_rss_gib', '–')} |")
+    lines.append("")
+
+    def draw(plt):
+        servers = list(dict.fromkeys(r["server"] for r in rows))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name in servers:
+            mine = [r for r in rows if r["server"] == name]
+            clients = [r["clients"] for r in mine]
+            axes[0].plot(clients, [r["aggregate_tok_s"] for r in mine], marker="o", label=name)
+            axes[1].plot(clients, [r["ttft_p50_s"] for r in mine], marker="o", label=name)
+        for ax, label in zip(axes, ("aggregate completion tokens/s", "time to first token, p50 (s)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["clients"] for r in rows}), [str(c) for c in sorted({r["clients"] for r in rows})])
+            ax.set_xlabel("concurrent streaming clients")
+            ax.set_ylabel(label)
+        axes[0].legend(fontsize=7)
+        fig.suptitle("SmolLM2-135M 4-bit, same weights in every server")
+        return fig, axes
+
+    lines += [_figure("serve", [s], draw), ""]
+    if (FIGURES / "serve_chat.png").is_file():
+        lines += ["The chat page (`kanana-quant serve` at `/`, headless chromium, "
+                  "`python bench/serve.py --screenshot`), SmolLM2 answering a Korean greeting:", "", "![serve_chat](bench/figures/serve_chat.png)", ""]
+    return lines
+
+
+def grammar_section(g: dict) -> list[str]:
+    lines = ["## Grammar-constrained decoding: cost per library", "",
+             f"Data: {provenance(g)}. Versions: " + ", ".join(f"{k} {v}" for k, v in g["versions"].items())
+             + ". The JSON schema's matcher is compiled, then the next-token mask is computed at every step of "
+             f"the valid output `{g['output']}` (and, for llguidance, of Kanana's tool-call grammar over "
+             f"`{g['tool_output']}`).", "",
+             "| vocabulary | library | tokenizer setup s | grammar | compile s | mask mean ms | mask p95 ms | steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    for vocab, per in g["results"].items():
+        for lib, r in per.items():
+            if lib == "vocab":
+                continue
+            for what in ("json_schema", "tool_calls"):
+                if what in r:
+                    m = r[what]["mask"]
+                    lines.append(f"| {vocab} ({per['vocab']:,}) | {lib} | {r['tokenizer_setup_s']} | {what} | "
+                                 f"{r[what]['compile_s']} | {m['mean_ms']} | {m['p95_ms']} | {m['steps']} |")
+    return lines + [""]
+
+
 def cost_section(c: dict) -> list[str]:
     lines = ["## Cost of quantizing full-size Kanana shapes", "",
              "Random weights of the real shapes (speed and memory do not depend on values); peak RSS of the whole "
@@ -235,6 +294,11 @@ def main() -> None:
         lines += speed_section(json.loads(path.read_text(encoding="utf-8")), path.stem)
     if cost:
         lines += cost_section(cost)
+    serve, grammar = load("serve"), load("grammar")
+    if serve:
+        lines += serve_section(serve)
+    if grammar:
+        lines += grammar_section(grammar)
     missing = [n for n, r in zip(("quality", "gguf_quality", "speed", "quant_cost"),
                                  (quality, gguf_quality, speed, cost)) if r is None]
     if missing:

@@ -358,6 +358,38 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: str = ModelArg,
+    engine: str = EngineOption,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="KANANA_QUANT_API_KEY",
+        help="Require `Authorization: Bearer KEY` on /v1 (or set KANANA_QUANT_API_KEY)."),
+    parallel: int = typer.Option(1, help="Sequences decoded at once: engine instances, each with its own KV cache."),
+    ctx: Optional[int] = typer.Option(None, help="Context length in tokens (default: the model's)."),
+    queue: int = typer.Option(16, help="Requests that may wait for a free slot; more get 503 with Retry-After."),
+    name: Optional[str] = typer.Option(None, help="Model id for clients (default: the model's file or folder name)."),
+):
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) with a chat page at /."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "llguidance", "jsonschema") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KananaQuantError(f"serve needs {', '.join(missing)}; install with `pip install 'kanana-quant[serve]'`")
+    from kanana_quant.serve import Settings, open_service, run
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log(f"[yellow]listening on {host} without --api-key: anyone who can reach it can use the model[/yellow]")
+    service = open_service(model, Settings(engine=engine, parallel=parallel, ctx=ctx, max_queue=queue, name=name,
+                                           api_key=api_key))
+    slots = f"{parallel} slot{'s' if parallel > 1 else ''}"
+    log(f"[bold]serving {service.name}[/bold] ({service.engine_name}, {slots}, context {service.context}) on "
+        f"http://{host}:{port}/ — OpenAI API at http://{host}:{port}/v1")
+    run(service, host, port)
+
+
+@app.command()
 def demo(
     model: str = typer.Option("smollm2", help="smollm2 (default, from PyPI), tiny (synthetic), or a model path/id."),
     out: Path = typer.Option(Path("kanana-quant-demo"), "-o", "--out", help="Folder for the demo's outputs."),

@@ -18,7 +18,7 @@ def test_cli_reference_matches_the_typer_app():
 
 def test_every_command_is_documented():
     text = README.read_text(encoding="utf-8")
-    for command in ("info", "synth", "generate", "eval", "quantize", "chat", "demo", "export gguf"):
+    for command in ("info", "synth", "generate", "eval", "quantize", "chat", "serve", "demo", "export gguf"):
         assert f"#### `kanana-quant {command}" in text
 
 

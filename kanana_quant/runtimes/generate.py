@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
@@ -41,25 +42,88 @@ def kv_capacity(length: int, capacity: int, max_seq_len: int, minimum: int = 256
     return min(max(length, 2 * capacity, minimum), max_seq_len)
 
 
+class Constraint(Protocol):
+    """Which tokens may come next (grammar-constrained decoding, runtimes.grammar): consulted before every
+    draw and told every token drawn."""
+
+    def allowed(self) -> np.ndarray: ...  # bool over the vocabulary
+
+    def accept(self, token: int) -> None: ...
+
+    def done(self) -> bool: ...  # nothing but the end of the sequence may follow
+
+
+@dataclass
+class Step:
+    """One generated token, with its log-probability and the `top` most likely alternatives (token, logprob)
+    under the model's own distribution (before temperature, filters or a grammar), when asked for."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    shifted = x - np.max(x)
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+class Decoding:
+    """Iterates the Steps of one generation; afterwards `finish_reason` says why it ended: "stop" (a stop
+    id, or a grammar that admits nothing more) or "length" (max_tokens, or the context is full)."""
+
+    def __init__(self, engine: Engine, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams,
+                 stop_ids: Sequence[int] = (), cached: int = 0, constraint: Constraint | None = None,
+                 logprobs: int | None = None):
+        self.engine, self.prompt_ids, self.max_tokens, self.params = engine, list(prompt_ids), max_tokens, params
+        self.stop_ids, self.cached, self.constraint, self.logprobs = set(stop_ids), cached, constraint, logprobs
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[Step]:
+        engine, sampler, history = self.engine, Sampler(self.params), list(self.prompt_ids)
+        engine.pos = self.cached
+        logits = engine.forward(history[self.cached:])
+        self.finish_reason = "length"
+        for _ in range(self.max_tokens):
+            if self.constraint is not None and self.constraint.done():
+                self.finish_reason = "stop"
+                return
+            draw = logits
+            if self.constraint is not None:
+                allowed = self.constraint.allowed()
+                draw = np.where(allowed, logits, -np.inf).astype(logits.dtype, copy=False)
+            token = sampler(draw, history)
+            if token in self.stop_ids:
+                self.finish_reason = "stop"
+                return
+            if self.constraint is not None:
+                self.constraint.accept(token)
+            yield self._step(token, logits)
+            history.append(token)
+            if len(history) >= engine.max_seq_len:
+                return
+            logits = engine.forward([token])
+
+    def _step(self, token: int, logits: np.ndarray) -> Step:
+        if self.logprobs is None:
+            return Step(token)
+        lp = log_softmax(logits)
+        top = []
+        if self.logprobs > 0:
+            best = np.argpartition(-lp, self.logprobs - 1)[: self.logprobs]
+            top = [(int(i), float(lp[i])) for i in best[np.argsort(-lp[best], kind="stable")]]
+        return Step(token, float(lp[token]), top)
+
+
 def generate(engine: Engine, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams,
              stop_ids: Sequence[int] = (), cached: int = 0) -> Iterator[int]:
     """Yield sampled token ids until a stop id, max_tokens or the context limit.
 
     `cached` tokens of the prompt are already in the engine's KV cache (chat reuses earlier turns).
     """
-    sampler = Sampler(params)
-    history = list(prompt_ids)
-    engine.pos = cached
-    logits = engine.forward(history[cached:])
-    for _ in range(max_tokens):
-        token = sampler(logits, history)
-        if token in stop_ids:
-            return
-        yield token
-        history.append(token)
-        if len(history) >= engine.max_seq_len:
-            return
-        logits = engine.forward([token])
+    for step in Decoding(engine, prompt_ids, max_tokens, params, stop_ids, cached):
+        yield step.token
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
