@@ -54,7 +54,7 @@ def gptq_gguf(model, out: Path, file_type: str, samples: int, seq_len: int) -> P
 
 def score(path: Path, texts: dict, ctx: int) -> dict:
     model = open_model(str(path))
-    engine = LlamaCppEngine(path, model.config, max_seq_len=ctx, threads=2, all_logits=True)
+    engine = LlamaCppEngine(path, model.config, max_seq_len=ctx, threads=2)
     return {lang: perplexity(engine, ids, ctx)["perplexity"] for lang, ids in texts.items()}
 
 

@@ -23,7 +23,7 @@ EngineOption = typer.Option("auto", help="auto, numpy, llama.cpp (a .gguf) or on
 ModelArg = typer.Argument(..., help="Model directory, quantized checkpoint, .gguf file or Hugging Face id.")
 
 
-def _load(model: str, max_seq_len: int | None = None, engine: str = "auto", all_logits: bool = False):
+def _load(model: str, max_seq_len: int | None = None, engine: str = "auto"):
     from kanana_quant.hub import resolve_model
     from kanana_quant.loader import open_model
     from kanana_quant.runtimes.engines import open_engine, resolve_engine
@@ -31,7 +31,7 @@ def _load(model: str, max_seq_len: int | None = None, engine: str = "auto", all_
     resolve_engine(engine, resolve_model(model))  # a wrong --engine fails before any loading
     loaded = open_model(model)
     with progress_bar(f"loading {loaded.path.name}", loaded.config.num_layers) as advance:
-        runtime = open_engine(loaded, engine, max_seq_len=max_seq_len, on_layer=advance, all_logits=all_logits)
+        runtime = open_engine(loaded, engine, max_seq_len=max_seq_len, on_layer=advance)
     return loaded, runtime
 
 
@@ -156,7 +156,7 @@ def evaluate(
         body = text.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise KananaQuantError(f"{text}: not UTF-8 text") from None
-    loaded, runtime = _load(model, max_seq_len=ctx, engine=engine, all_logits=True)
+    loaded, runtime = _load(model, max_seq_len=ctx, engine=engine)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
     ref_runtime = None
     if ref is not None:

@@ -78,7 +78,7 @@ def _run(label: str, loaded: LoadedModel, engine_name: str, max_tokens: int, ctx
     from kanana_quant.runtimes.generate import generate
     from kanana_quant.runtimes.sampling import SamplingParams
 
-    engine = open_engine(loaded, engine_name, max_seq_len=max(ctx, 512), all_logits=True)
+    engine = open_engine(loaded, engine_name, max_seq_len=max(ctx, 512))
     tok, replies, tokens, seconds = loaded.tokenizer, [], 0, 0.0
     try:
         for prompt in PROMPTS:

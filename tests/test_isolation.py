@@ -57,8 +57,8 @@ def test_isolated_engine_returns_the_in_process_logits(exports, engine):
     model, paths = exports
     loaded = open_model(str(paths[engine]))
     ids = model.tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)[:20]
-    isolated = open_engine(loaded, engine, max_seq_len=64, threads=1, all_logits=True)
-    inside = open_engine(loaded, engine, max_seq_len=64, threads=1, all_logits=True, isolated=False)
+    isolated = open_engine(loaded, engine, max_seq_len=64, threads=1)
+    inside = open_engine(loaded, engine, max_seq_len=64, threads=1, isolated=False)
     assert isinstance(isolated, IsolatedEngine) and isinstance(inside, (LlamaCppEngine, OnnxEngine))
     assert isolated.max_seq_len == inside.max_seq_len == 64 and engine in isolated.configuration
     for e in (isolated, inside):

@@ -32,7 +32,7 @@ def test_f32_export_logits_and_tokens_match_llamacpp(model_dirs, tmp_path, varia
     model = open_model(str(model_dirs(variant)))
     path = export_gguf(model, tmp_path / "m.gguf", "F32")
     ids = model.tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)
-    engine = llamacpp(path, model, all_logits=True)
+    engine = llamacpp(path, model)
     assert engine.llm.tokenize(SAMPLE_TEXT.encode(), add_bos=True, special=False) == ids
     theirs = engine.forward(ids, all_logits=True)
     ours = NumpyEngine(model.weights).forward(ids, all_logits=True)

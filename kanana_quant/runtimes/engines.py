@@ -45,9 +45,8 @@ def resolve_engine(engine: str, path: Path) -> str:
 
 
 def open_engine(loaded, engine: str = "auto", max_seq_len: int | None = None, threads: int | None = None,
-                on_layer: Callable[[int], None] | None = None, all_logits: bool = False, isolated: bool = True):
-    """The engine for an opened model. `all_logits` asks llama.cpp to keep every position's logits
-    (perplexity needs them; generation does not). llama.cpp and onnxruntime run in a child process unless
+                on_layer: Callable[[int], None] | None = None, isolated: bool = True):
+    """The engine for an opened model. llama.cpp and onnxruntime run in a child process unless
     `isolated` is False, so a native crash there is an EngineCrashed error here (POSIX only: elsewhere they
     run in this process)."""
     engine = resolve_engine(engine, loaded.path)
@@ -61,12 +60,11 @@ def open_engine(loaded, engine: str = "auto", max_seq_len: int | None = None, th
     if isolated and os.name == "posix":
         from kanana_quant.runtimes.isolated import IsolatedEngine
 
-        return IsolatedEngine(engine, loaded.path, max_seq_len=max_seq_len, threads=threads, all_logits=all_logits)
+        return IsolatedEngine(engine, loaded.path, max_seq_len=max_seq_len, threads=threads)
     if engine == "llama.cpp":
         from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
 
-        return LlamaCppEngine(loaded.path, loaded.config, max_seq_len=max_seq_len, threads=threads,
-                              all_logits=all_logits)
+        return LlamaCppEngine(loaded.path, loaded.config, max_seq_len=max_seq_len, threads=threads)
     from kanana_quant.runtimes.onnx_engine import OnnxEngine
 
     return OnnxEngine(loaded.path, max_seq_len=max_seq_len, threads=threads)

@@ -10,6 +10,7 @@ import numpy as np
 
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.runtimes.sampling import Sampler, SamplingParams
+from kanana_quant.runtimes.speculative import Adaptive, Draft, Drafter, verify
 from kanana_quant.tokenizer import Tokenizer
 
 
@@ -71,13 +72,19 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 class Decoding:
     """Iterates the Steps of one generation; afterwards `finish_reason` says why it ended: "stop" (a stop
-    id, or a grammar that admits nothing more) or "length" (max_tokens, or the context is full)."""
+    id, or a grammar that admits nothing more) or "length" (max_tokens, or the context is full).
+
+    With a `drafter` (runtimes.speculative) several drafted tokens are verified per forward and the output
+    keeps plain decoding's distribution (greedy: its exact tokens). A grammar constraint decodes plainly."""
 
     def __init__(self, engine: Engine, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams,
                  stop_ids: Sequence[int] = (), cached: int = 0, constraint: Constraint | None = None,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, drafter: Drafter | None = None, k_max: int = 8):
         self.engine, self.prompt_ids, self.max_tokens, self.params = engine, list(prompt_ids), max_tokens, params
         self.stop_ids, self.cached, self.constraint, self.logprobs = set(stop_ids), cached, constraint, logprobs
+        self.drafter = drafter if constraint is None else None
+        self.adaptive = Adaptive(k_max=k_max, k=min(4, k_max))
+        self.forwards = 0  # model forwards after the prompt (for speed accounting)
         self.finish_reason: str | None = None
 
     def __iter__(self) -> Iterator[Step]:
@@ -85,6 +92,9 @@ class Decoding:
         engine.pos = self.cached
         logits = engine.forward(history[self.cached:])
         self.finish_reason = "length"
+        if self.drafter is not None:
+            yield from self._speculative(sampler, history, logits)
+            return
         for _ in range(self.max_tokens):
             if self.constraint is not None and self.constraint.done():
                 self.finish_reason = "stop"
@@ -104,6 +114,33 @@ class Decoding:
             if len(history) >= engine.max_seq_len:
                 return
             logits = engine.forward([token])
+            self.forwards += 1
+
+    def _speculative(self, sampler: Sampler, history: list[int], logits: np.ndarray) -> Iterator[Step]:
+        """Each forward feeds the last emitted token and the draft after it; its rows are the target's
+        distributions for every draft position and one more."""
+        engine, rows = self.engine, logits[None]
+        emitted, produced = [sampler(logits, history)], 0
+        while True:
+            for i, token in enumerate(emitted):
+                if token in self.stop_ids:
+                    self.finish_reason = "stop"
+                    return
+                yield self._step(token, rows[i])
+                history.append(token)
+                produced += 1
+                if produced >= self.max_tokens or len(history) >= engine.max_seq_len:
+                    return
+            room = min(self.max_tokens - produced - 1, engine.max_seq_len - len(history))
+            k = min(self.adaptive.size(), room)
+            draft = self.drafter.propose(history, k) if k > 0 else Draft([])
+            draft.tokens = draft.tokens[:max(k, 0)]
+            start = engine.pos  # the cache holds everything but the last emitted token
+            rows = engine.forward([history[-1]] + draft.tokens, all_logits=True)
+            self.forwards += 1
+            emitted, kept = verify(sampler, rows, draft, history)
+            self.adaptive.record(len(draft.tokens), kept)
+            engine.pos = start + 1 + kept  # drop the rejected drafts' keys and values
 
     def _step(self, token: int, logits: np.ndarray) -> Step:
         if self.logprobs is None:
@@ -117,12 +154,12 @@ class Decoding:
 
 
 def generate(engine: Engine, prompt_ids: Sequence[int], max_tokens: int, params: SamplingParams,
-             stop_ids: Sequence[int] = (), cached: int = 0) -> Iterator[int]:
+             stop_ids: Sequence[int] = (), cached: int = 0, drafter: Drafter | None = None) -> Iterator[int]:
     """Yield sampled token ids until a stop id, max_tokens or the context limit.
 
     `cached` tokens of the prompt are already in the engine's KV cache (chat reuses earlier turns).
     """
-    for step in Decoding(engine, prompt_ids, max_tokens, params, stop_ids, cached):
+    for step in Decoding(engine, prompt_ids, max_tokens, params, stop_ids, cached, drafter=drafter):
         yield step.token
 
 

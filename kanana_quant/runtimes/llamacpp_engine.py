@@ -74,7 +74,7 @@ class LlamaCppEngine:
     name = "llama.cpp"
 
     def __init__(self, path: Path, config, max_seq_len: int | None = None, threads: int | None = None,
-                 all_logits: bool = False, f32_kv_cache: bool = False, extra_buffers: bool | None = None):
+                 f32_kv_cache: bool = False, extra_buffers: bool | None = None):
         """extra_buffers: load with ggml's extra buffer types (CPU repacking, AMX); None decides from the build."""
         from llama_cpp import Llama
 
@@ -91,10 +91,9 @@ class LlamaCppEngine:
             with _model_params(use_extra_bufts=extra_bufts):
                 self.llm = Llama(model_path=str(path), n_ctx=self.max_seq_len,
                                  n_batch=min(self.max_seq_len, 512), n_threads=threads, n_threads_batch=threads,
-                                 logits_all=all_logits, verbose=False, **kv)
+                                 verbose=False, **kv)
         except ValueError as exc:  # llama-cpp-python's wording for "llama.cpp refused the file"
             raise KananaQuantError(f"{path}: llama.cpp could not load it ({exc})") from None
-        self.all_logits = all_logits
         self.n_vocab = self.llm.n_vocab()
 
     @property
@@ -115,12 +114,18 @@ class LlamaCppEngine:
         if start + len(ids) > self.max_seq_len:
             raise KananaQuantError(f"context of {start + len(ids)} tokens exceeds the model's {self.max_seq_len}; "
                                    "shorten the prompt or --max-tokens")
-        if all_logits and not self.all_logits:
-            raise RuntimeError("this llama.cpp engine was opened without all_logits")  # a caller bug
-        self.llm.eval(ids)
-        if all_logits:
-            return np.array(self.llm.scores[start:start + len(ids)], dtype=np.float32)
-        if self.all_logits:
-            return np.array(self.llm.scores[start + len(ids) - 1], dtype=np.float32)
-        last = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))
-        return np.array(last, dtype=np.float32)
+        # Llama.eval keeps every position's logits only in a [context, vocabulary] array fixed at load
+        # (logits_all: 2 GiB for 4K tokens of a 128K vocabulary); asking llama.cpp for the rows of this call
+        # alone costs nothing when they are not wanted, and perplexity and draft verification want them.
+        llm, rows = self.llm, []
+        llm._ctx.kv_cache_seq_rm(-1, start, -1)  # forget what lies past pos: the rewind
+        for i in range(0, len(ids), llm.n_batch):
+            chunk = ids[i:i + llm.n_batch]
+            llm._batch.set_batch(batch=chunk, n_past=llm.n_tokens, logits_all=all_logits)
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[llm.n_tokens:llm.n_tokens + len(chunk)] = chunk
+            llm.n_tokens += len(chunk)
+            n = len(chunk) if all_logits else 1
+            rows.append(np.array(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n, self.n_vocab)),
+                                 dtype=np.float32))
+        return np.concatenate(rows) if all_logits else rows[-1][0]

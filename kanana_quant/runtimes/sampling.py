@@ -128,7 +128,15 @@ class Sampler:
         logits = self.filter_logits(logits, previous_ids)
         if self.params.temperature == 0:
             return int(np.argmax(logits))  # first maximum wins, like torch.argmax
-        probs = _softmax(logits.astype(np.float64))
+        return self.draw(self.distribution(logits))
+
+    @staticmethod
+    def distribution(filtered_logits: np.ndarray) -> np.ndarray:
+        """The probabilities a draw uses (float64), from filter_logits' output."""
+        return _softmax(filtered_logits.astype(np.float64))
+
+    def draw(self, probs: np.ndarray) -> int:
+        """One token from a distribution (unnormalised is fine), with this sampler's random generator."""
         cdf = np.cumsum(probs)
         # Inverse-CDF draw: a token with probability 0 owns an empty interval and is never chosen.
         i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))

@@ -1,0 +1,166 @@
+"""Speculative decoding: draft several tokens cheaply, verify them in one forward of the model, keep the
+longest prefix the model agrees with.
+
+Two drafters. PromptLookup copies what followed the latest earlier occurrence of the last n tokens, from the
+prompt and the output so far (RAG answers quote their context, edits and summaries copy spans). DraftModel
+asks a smaller model with the same tokenizer.
+
+Acceptance is the standard speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): draft token
+d, drawn from the draft's distribution q, is kept with probability min(1, p(d)/q(d)) under the target's
+distribution p (after the same penalty, temperature and top-k/top-p as plain sampling); at the first
+rejection the next token is drawn from max(0, p − q), renormalised; when every draft is kept one more
+token is drawn from p. Every emitted token is then distributed exactly as plain sampling's. Greedy decoding
+keeps a draft only if it is the target's argmax, so its output is plain greedy's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from kanana_quant.runtimes.sampling import Sampler
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    # Per token, the distribution it was drawn from (the drafter's q), or None: drawn deterministically,
+    # q = one-hot on the token.
+    probs: list[np.ndarray] | None = None
+
+
+class Drafter(Protocol):
+    def propose(self, history: Sequence[int], k: int) -> Draft:
+        """Up to k tokens likely to follow `history` (fewer, or none, when it has no good guess)."""
+
+
+@dataclass
+class PromptLookup:
+    """n-gram lookup in the sequence itself: the longest suffix of up to `max_ngram` tokens (at least
+    `min_ngram`) that occurred before; its most recent earlier occurrence's continuation is the draft."""
+
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    def propose(self, history: Sequence[int], k: int) -> Draft:
+        if k <= 0:
+            return Draft([])
+        seq = np.asarray(history, dtype=np.int64)
+        n_tokens = len(seq)
+        for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
+            suffix = seq[n_tokens - n:]
+            # windows ending before the suffix itself: starts 0 .. n_tokens - n - 1
+            windows = np.lib.stride_tricks.sliding_window_view(seq[:n_tokens - 1], n)
+            hits = np.flatnonzero((windows == suffix).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n  # the latest occurrence: the freshest context
+                draft = seq[start:start + k].tolist()
+                if draft:
+                    return Draft(draft)
+        return Draft([])
+
+
+class DraftModel:
+    """A smaller model with the same tokenizer drafts k tokens one by one with the target's sampling
+    settings (so its q is the distribution the rule needs); its KV cache follows the accepted tokens."""
+
+    def __init__(self, engine, sampler: Sampler):
+        self.engine, self.sampler = engine, sampler
+        self.fed: list[int] = []  # tokens whose keys and values are in the draft engine's cache
+
+    def propose(self, history: Sequence[int], k: int) -> Draft:
+        history = list(history)
+        if k <= 0 or len(history) + k > self.engine.max_seq_len:
+            return Draft([])
+        keep = 0
+        for a, b in zip(self.fed, history):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(history) - 1)  # feed at least one token, to get logits
+        self.engine.pos = keep
+        logits = self.engine.forward(history[keep:])
+        self.fed = list(history)
+        tokens, probs, seen = [], [], list(history)
+        for i in range(k):
+            filtered = self.sampler.filter_logits(logits, seen)
+            if self.sampler.params.temperature == 0:
+                token = int(np.argmax(filtered))
+            else:
+                q = Sampler.distribution(filtered)
+                token = self.sampler.draw(q)
+                probs.append(q)
+            tokens.append(token)
+            seen.append(token)
+            if i + 1 < k:
+                logits = self.engine.forward([token])
+                self.fed.append(token)
+        return Draft(tokens, probs if self.sampler.params.temperature > 0 else None)
+
+
+@dataclass
+class Adaptive:
+    """How many tokens to draft next: grows while drafts are accepted, shrinks when they are not, and
+    pauses drafting after misses so open-ended text, where lookups rarely hit, decodes as plainly as ever."""
+
+    k_max: int = 8
+    k: int = 4
+    pause: int = 0  # plain steps left before drafting again
+    misses: int = 0
+    accepted: int = field(default=0)
+    proposed: int = field(default=0)
+
+    def size(self) -> int:
+        if self.pause > 0:
+            self.pause -= 1
+            return 0
+        return self.k
+
+    def record(self, proposed: int, accepted: int) -> None:
+        if not proposed:
+            return
+        self.proposed += proposed
+        self.accepted += accepted
+        if accepted == proposed:
+            self.k, self.misses = min(self.k_max, self.k + 2), 0
+        elif accepted == 0:
+            self.k, self.misses = max(1, self.k // 2), self.misses + 1
+            self.pause = min(2 ** self.misses, 32)  # back off exponentially while drafts keep missing
+        else:
+            self.k, self.misses = max(1, accepted + 1), 0
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+def verify(sampler: Sampler, rows: np.ndarray, draft: Draft, history: list[int]) -> tuple[list[int], int]:
+    """Apply the acceptance rule to draft.tokens, whose target logits are rows[:len(tokens)] (row i is the
+    distribution of the token after history + tokens[:i]); rows[len(tokens)] gives the bonus token.
+    Returns (the emitted tokens, how many of them are accepted drafts): the kept drafts plus one token drawn
+    by the rule."""
+    greedy = sampler.params.temperature == 0
+    seen = list(history)
+    for i, d in enumerate(draft.tokens):
+        filtered = sampler.filter_logits(rows[i], seen)
+        if greedy:
+            target = int(np.argmax(filtered))
+            if target != d:
+                return draft.tokens[:i] + [target], i
+        else:
+            p = Sampler.distribution(filtered)
+            q_d = 1.0 if draft.probs is None else float(draft.probs[i][d])
+            if sampler.rng.random() * q_d >= p[d]:  # rejected (u ≥ p/q)
+                residual = p.copy()
+                if draft.probs is None:
+                    residual[d] = 0.0
+                else:
+                    residual = np.maximum(residual - draft.probs[i], 0.0)
+                if residual.sum() <= 0:  # p ≤ q everywhere yet rejected: only by rounding; p itself is right
+                    residual = p
+                return draft.tokens[:i] + [sampler.draw(residual)], i
+        seen.append(d)
+    bonus = sampler(rows[len(draft.tokens)], seen)
+    return draft.tokens + [bonus], len(draft.tokens)

@@ -1,0 +1,132 @@
+"""Speculative decoding (runtimes/speculative.py): greedy output is plain greedy's token for token on every
+engine, and the sampling acceptance rule keeps the distribution of plain sampling (chi-square against the
+exact distribution, computed from the model's own logits)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kanana_quant.gguf.writer import export_gguf
+from kanana_quant.exporters.onnx import export_onnx
+from kanana_quant.loader import open_model
+from kanana_quant.runtimes.engines import open_engine
+from kanana_quant.runtimes.generate import Decoding
+from kanana_quant.runtimes.numpy_engine import NumpyEngine
+from kanana_quant.runtimes.sampling import Sampler, SamplingParams
+from kanana_quant.runtimes.speculative import Draft, DraftModel, PromptLookup, verify
+
+# Input-grounded: the prompt repeats itself, as a RAG answer quotes its context.
+PROMPT = "카나나는 Kanana, a model that reads 카나나는 Kanana, a model that"
+
+
+def test_prompt_lookup_copies_the_latest_continuation():
+    lookup = PromptLookup(max_ngram=3)
+    assert lookup.propose([5, 6, 7, 8, 1, 2, 5, 6, 9, 5, 6], 3).tokens == [9, 5, 6]  # latest "5 6" → 9 5 6
+    assert lookup.propose([1, 2, 3, 4, 2, 3], 2).tokens == [4, 2]  # the longest n-gram wins ("2 3")
+    assert lookup.propose([1, 2, 3, 4], 4).tokens == []  # nothing recurs
+    assert lookup.propose([7, 7], 0).tokens == []
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dirs, tmp_path_factory):
+    model = open_model(str(model_dirs("dense-tied")))
+    out = tmp_path_factory.mktemp("spec")
+    return model, {"numpy": model, "onnxruntime": open_model(str(export_onnx(model, out / "onnx").path)),
+                   "llama.cpp": open_model(str(export_gguf(model, out / "m.gguf", "F32")))}
+
+
+@pytest.mark.parametrize("engine", ["numpy", "onnxruntime", "llama.cpp"])
+def test_greedy_with_prompt_lookup_is_plain_greedy(tiny, engine):
+    model, loaded = tiny
+    ids = model.tokenizer.encode(PROMPT, add_special_tokens=True)
+    runs = {}
+    for name, drafter in (("plain", None), ("lookup", PromptLookup())):
+        e = open_engine(loaded[engine], engine, max_seq_len=256, threads=1)
+        decoding = Decoding(e, ids, 48, SamplingParams(), drafter=drafter)
+        runs[name] = ([s.token for s in decoding], decoding)
+    (plain, _), (lookup, decoding) = runs["plain"], runs["lookup"]
+    assert len(plain) == 48 and lookup == plain
+    # drafts were really accepted, in fewer forwards than tokens (else the check above proves nothing)
+    assert decoding.adaptive.accepted > 10 and decoding.forwards < 40
+
+
+def test_greedy_with_a_draft_model_is_plain_greedy(model_dirs):
+    target, draft = open_model(str(model_dirs("dense-tied"))), open_model(str(model_dirs("dense-llama3-rope")))
+    ids = target.tokenizer.encode(PROMPT, add_special_tokens=True)
+    plain = [s.token for s in Decoding(NumpyEngine(target.weights), ids, 40, SamplingParams())]
+    for drafter_weights in (draft.weights, target.weights):  # another model, and the target itself
+        drafter = DraftModel(NumpyEngine(drafter_weights), Sampler(SamplingParams()))
+        decoding = Decoding(NumpyEngine(target.weights), ids, 40, SamplingParams(), drafter=drafter)
+        assert [s.token for s in decoding] == plain
+    assert decoding.adaptive.accepted == decoding.adaptive.proposed > 20  # the target drafting for itself
+
+
+def chi_square_threshold(df: int, z: float = 3.09) -> float:
+    """The 0.999 quantile of chi-square(df) by Wilson–Hilferty (z = the normal 0.999 quantile)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_acceptance_rule_keeps_the_distribution_on_synthetic_distributions():
+    """verify() against exact p: the first emitted token, over many seeded draws, for a deterministic draft
+    (prompt lookup) and a sampled one (a draft model's q)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 6)).astype(np.float32) * 1.5
+    params = SamplingParams(temperature=1.0)
+    p0 = Sampler.distribution(Sampler(params).filter_logits(logits[0], []))
+    q = np.array([0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
+    n = 20000
+    for name in ("lookup", "draft model"):
+        counts = np.zeros(6)
+        for seed in range(n):
+            sampler = Sampler(SamplingParams(temperature=1.0, seed=seed))
+            if name == "lookup":
+                draft = Draft([2, 4])
+            else:
+                d = int(np.random.default_rng(10_000 + seed).choice(6, p=q))
+                draft = Draft([d], [q])
+            emitted, _ = verify(sampler, logits, draft, [])
+            counts[emitted[0]] += 1
+        stat = float(((counts - n * p0) ** 2 / (n * p0)).sum())
+        assert stat < chi_square_threshold(5), (name, stat, counts / n, p0)
+
+
+def test_sampling_with_drafts_keeps_the_distribution_on_a_tiny_model(model_dirs):
+    """The first two generated tokens, the second one drafted and verified, at temperature 1, top-k 4 and a
+    repetition penalty:
+    their joint frequencies over seeded runs against the exact plain-sampling distribution computed from
+    the target's logits (cells below 5 expected draws pooled)."""
+    target = open_model(str(model_dirs("dense-tied")))
+    params = SamplingParams(temperature=1.0, top_k=4, repetition_penalty=1.3)
+    ids = target.tokenizer.encode("Kanana 카나나", add_special_tokens=True)
+    engine = NumpyEngine(target.weights)
+    first = Sampler.distribution(Sampler(params).filter_logits(engine.forward(ids), ids))
+    exact = {}
+    for t1 in np.flatnonzero(first):
+        engine.reset()
+        second = Sampler.distribution(Sampler(params).filter_logits(engine.forward(ids + [int(t1)]), ids + [int(t1)]))
+        for t2 in np.flatnonzero(second):
+            exact[int(t1), int(t2)] = first[t1] * second[t2]
+    n, counts, drafted, accepted = 3000, {}, 0, 0
+    drafter_engine = NumpyEngine(target.weights)
+    for seed in range(n):
+        sampler_params = SamplingParams(temperature=1.0, top_k=4, repetition_penalty=1.3, seed=seed)
+        # The model itself, sampled colder and with a wider top-k, drafts: q overlaps p but differs from it, so the
+        # rule both accepts and rejects.
+        drafter = DraftModel(drafter_engine, Sampler(SamplingParams(temperature=0.5, top_k=8, seed=n + seed)))
+        # three tokens: the first from the prompt's logits, then one drafted token verified (and one more)
+        decoding = Decoding(NumpyEngine(target.weights), ids, 3, sampler_params, drafter=drafter)
+        pair = tuple(s.token for s in decoding)[:2]
+        counts[pair] = counts.get(pair, 0) + 1
+        drafted += decoding.adaptive.proposed
+        accepted += decoding.adaptive.accepted
+    assert drafted == n and 0.2 * n < accepted < 0.9 * n  # every run verified one draft; some were rejected
+    cells = sorted(exact, key=exact.get, reverse=True)
+    big = [c for c in cells if exact[c] * n >= 5]
+    observed = [counts.get(c, 0) for c in big] + [n - sum(counts.get(c, 0) for c in big)]
+    expected = [exact[c] * n for c in big] + [n * (1 - sum(exact[c] for c in big))]
+    assert set(counts) <= set(exact)  # nothing plain sampling could not produce
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
+    assert stat < chi_square_threshold(len(observed) - 1), (stat, len(observed))
