@@ -21,6 +21,11 @@ EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130  # 0 success, 1 a bug (traceback): see
 EngineOption = typer.Option("auto", help="auto, numpy, llama.cpp (a .gguf) or onnxruntime (an ONNX export); "
                                          "auto = onnxruntime for ONNX exports, else numpy.")
 ModelArg = typer.Argument(..., help="Model directory, quantized checkpoint, .gguf file or Hugging Face id.")
+LookupOption = typer.Option(True, "--lookup/--no-lookup", help="Prompt-lookup decoding: draft tokens by copying "
+                                                               "from the prompt and the reply, verify them in one "
+                                                               "forward (same output distribution; greedy: same text).")
+DraftOption = typer.Option(None, "--draft", help="A smaller model with the same tokenizer that drafts tokens for "
+                                                  "MODEL (speculative decoding; run with the same --engine).")
 
 
 def _load(model: str, max_seq_len: int | None = None, engine: str = "auto"):
@@ -33,6 +38,21 @@ def _load(model: str, max_seq_len: int | None = None, engine: str = "auto"):
     with progress_bar(f"loading {loaded.path.name}", loaded.config.num_layers) as advance:
         runtime = open_engine(loaded, engine, max_seq_len=max_seq_len, on_layer=advance)
     return loaded, runtime
+
+
+def _drafter(draft: Optional[str], lookup: bool, engine: str, loaded, params):
+    """The drafter --draft / --lookup ask for, or None."""
+    from kanana_quant.runtimes.sampling import Sampler
+    from kanana_quant.runtimes.speculative import DraftModel, PromptLookup
+
+    if draft is None:
+        return PromptLookup() if lookup else None
+    draft_loaded, draft_engine = _load(draft, max_seq_len=loaded.config.max_position_embeddings, engine=engine)
+    probe = "Kanana 카나나는 한국어와 English를 함께 배웠다. 12345 🎉"
+    if draft_loaded.tokenizer.encode(probe) != loaded.tokenizer.encode(probe):
+        raise KananaQuantError(f"--draft {draft}: its tokenizer differs from the model's; a draft model must share "
+                               "the vocabulary")
+    return DraftModel(draft_engine, Sampler(params))
 
 
 def _sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: Optional[int]):
@@ -116,25 +136,32 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
     chat_template: bool = typer.Option(False, "--chat", help="Wrap the prompt as a user turn in the chat template."),
     engine: str = EngineOption,
+    lookup: bool = LookupOption,
+    draft: Optional[str] = DraftOption,
 ):
     """Print the continuation of PROMPT (only the new text on stdout; logs on stderr)."""
-    from kanana_quant.runtimes.generate import generate as run
+    from kanana_quant.runtimes.generate import Decoding
 
     if max_tokens < 1:
         raise KananaQuantError(f"--max-tokens must be at least 1, got {max_tokens}")
     params = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
     loaded, runtime = _load(model, engine=engine)
+    drafter = _drafter(draft, lookup, engine, loaded, params)
     tok = loaded.tokenizer
     ids = (tok.encode_chat([{"role": "user", "content": prompt}]) if chat_template
            else tok.encode(prompt, add_special_tokens=True))
     stream, count, start = tok.stream(), 0, time.perf_counter()
-    for token in run(runtime, ids, max_tokens, params, tok.eos_ids):
+    decoding = Decoding(runtime, ids, max_tokens, params, tok.eos_ids, drafter=drafter)
+    for step in decoding:
         count += 1
-        sys.stdout.write(stream.push(token))
+        sys.stdout.write(stream.push(step.token))
         sys.stdout.flush()
     sys.stdout.write(stream.flush() + "\n")
     elapsed = time.perf_counter() - start
-    log(f"[dim]{count} tokens in {elapsed:.2f} s ({count / elapsed:.1f} tokens/s, prompt {len(ids)} tokens)[/dim]")
+    drafts = (f", {decoding.adaptive.accepted} of {decoding.adaptive.proposed} drafted tokens accepted"
+              if decoding.adaptive.proposed else "")
+    log(f"[dim]{count} tokens in {elapsed:.2f} s ({count / elapsed:.1f} tokens/s, prompt {len(ids)} tokens"
+        f"{drafts})[/dim]")
 
 
 @app.command(name="eval")
@@ -323,6 +350,8 @@ def chat(
     repetition_penalty: float = typer.Option(1.0),
     seed: Optional[int] = typer.Option(None),
     engine: str = EngineOption,
+    lookup: bool = LookupOption,
+    draft: Optional[str] = DraftOption,
 ):
     """Interactive chat with streaming replies. /reset clears the history, /exit or Ctrl-D quits;
     Ctrl-C stops a reply without ending the session."""
@@ -330,7 +359,8 @@ def chat(
 
     params = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
     loaded, runtime = _load(model, engine=engine)
-    session = ChatSession(runtime, loaded.tokenizer, params, max_tokens, system)
+    session = ChatSession(runtime, loaded.tokenizer, params, max_tokens, system,
+                          drafter=_drafter(draft, lookup, engine, loaded, params))
     log(f"[bold]chatting with {loaded.path.name}[/bold] — /reset clears history, /exit quits, Ctrl-C stops a reply")
     while True:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,25 @@ def test_generate_prints_only_the_greedy_continuation(tiny_dense):
                           eos_token_id=tok.eos_ids, pad_token_id=0)[0, len(ids):].tolist()
     assert result.stdout == tok.decode(out) + "\n"
     assert "tokens/s" in result.stderr
+
+
+def test_generate_with_a_draft_model_and_without_lookup_prints_the_same(tiny_dense):
+    args = ["generate", tiny_dense, "--prompt", "The model reads the model", "--max-tokens", 24]
+    lookup, plain = cli(*args), cli(*args, "--no-lookup")
+    drafted = cli(*args, "--draft", tiny_dense)  # the model drafting for itself: every draft accepted
+    assert lookup.returncode == plain.returncode == drafted.returncode == 0, drafted.stderr
+    assert plain.stdout.strip() and lookup.stdout == plain.stdout == drafted.stdout
+    logs = [" ".join(r.stderr.split()) for r in (lookup, plain, drafted)]
+    assert "drafted tokens accepted" in logs[0] and "drafted" not in logs[1]
+    assert re.search(r"(\d+) of \1 drafted tokens accepted", logs[2]), logs[2]
+
+
+def test_draft_model_with_another_tokenizer_is_one_line(tiny_dense):
+    from kanana_quant.smollm import smollm2_gguf
+
+    result = cli("generate", tiny_dense, "--prompt", "hi", "--draft", smollm2_gguf())
+    assert result.returncode == 2 and "its tokenizer differs" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_eval_last_line_and_json(tiny_dense, tmp_path):

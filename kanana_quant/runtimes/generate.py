@@ -177,9 +177,9 @@ class ChatSession:
     reused up to the first token where the re-rendered conversation differs."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, params: SamplingParams, max_tokens: int,
-                 system: str | None = None):
+                 system: str | None = None, drafter: Drafter | None = None):
         self.engine, self.tok, self.params, self.max_tokens = engine, tokenizer, params, max_tokens
-        self.system = system
+        self.system, self.drafter = system, drafter
         self.reset()
 
     def reset(self) -> None:
@@ -196,7 +196,8 @@ class ChatSession:
         reuse = min(common_prefix(self.cached, ids), len(ids) - 1)
         stream, generated = self.tok.stream(), []
         try:
-            for token in generate(self.engine, ids, self.max_tokens, self.params, self.tok.eos_ids, reuse):
+            for token in generate(self.engine, ids, self.max_tokens, self.params, self.tok.eos_ids, reuse,
+                                  self.drafter):
                 generated.append(token)
                 piece = stream.push(token)
                 if piece:
