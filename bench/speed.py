@@ -248,16 +248,78 @@ def checkpoint_map(entries: list[str], presets: list[str]) -> dict[str, Path]:
     return out
 
 
+def smollm2_exports(work: Path, env: dict) -> dict:
+    """SmolLM2-135M-Instruct (real weights) RTN 4-bit g64 sym, as ONNX and as a Q4_0 GGUF carrying its codes."""
+    from kanana_quant.smollm import smollm2_gguf
+
+    q4 = work / "smollm2-rtn4-g64"
+    if not q4.exists():
+        sh(cli("quantize", smollm2_gguf(), "-o", q4, "--method", "rtn", "--bits", 4, "--group-size", 64,
+               "--samples", 1, "--seq-len", 16), env)
+    onnx_dir, gguf = work / "smollm2-rtn4-g64-onnx", work / "smollm2-rtn4-g64-Q4_0.gguf"
+    if not onnx_dir.exists():
+        sh(cli("export", "onnx", q4, "-o", onnx_dir), env)
+    if not gguf.exists():
+        sh(cli("export", "gguf", q4, "-o", gguf, "--type", "Q4_0"), env)
+    return {"onnxruntime": onnx_dir, "llama.cpp": gguf}
+
+
+def task_mode(args) -> None:
+    import tasks
+
+    from kanana_quant.loader import open_model
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    drafts = checkpoint_map(args.draft, args.task_models.split(","))
+    results = {"threads": args.threads, "max_tokens": args.max_tokens, "prompts": str(tasks.TASKS.name),
+               "protocol": "greedy; each prompt a user turn in the chat template; decode tok/s = tokens after the "
+                           "first / time after it; one process per engine and mode",
+               "llama_cpp_build": llamacpp_build(), "models": {}}
+    engines = [e for e in args.engines.split(",") if e != "numpy"]  # minutes per answer: not a task-mode engine
+    for name in args.task_models.split(","):
+        if name == "smollm2":
+            paths = smollm2_exports(args.work, env)
+        else:
+            paths = prepare(name, args.work, args.threads, "asym", args.layers, 128)["paths"]
+        entry = results["models"][name] = {"runs": {}, "summary": {}}
+        for engine in engines:
+            for mode in args.modes.split(","):
+                if mode == "draft" and name not in drafts:
+                    continue
+                rows = tasks.run_child(engine, paths[engine], mode, args.threads, args.max_tokens,
+                                       drafts.get(name))
+                key = f"{engine} {mode}"
+                entry["runs"][key], entry["summary"][key] = rows, tasks.summarise(rows)
+                print(name, key, entry["summary"][key], flush=True)
+        if args.llama_lookup:
+            tokenizer = open_model(str(paths["llama.cpp"])).tokenizer
+            rows = tasks.llama_lookup(Path(args.llama_lookup), paths["llama.cpp"], args.threads, args.max_tokens,
+                                      tokenizer)
+            entry["runs"]["llama-lookup"], entry["summary"]["llama-lookup"] = rows, tasks.summarise(rows)
+            print(name, "llama-lookup", entry["summary"]["llama-lookup"], flush=True)
+    print("saved", save(args.save, results))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         engine, path, threads, decode, prefill, vocab = sys.argv[2:8]
         return child(engine, path, int(threads), int(decode), int(prefill), int(vocab))
     ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", action="store_true", help="task mode (bench/tasks.py): input-grounded prompts, plain "
+                                                         "vs prompt lookup vs draft model vs llama.cpp")
+    ap.add_argument("--task-models", default="smollm2,kanana-1.5-2.1b", help="task mode: smollm2 and/or presets")
+    ap.add_argument("--modes", default="plain,lookup", help="task mode: plain, lookup, draft")
+    ap.add_argument("--draft", action="append", default=[], metavar="MODEL=DIR",
+                    help="task mode: a draft model (export for the engine) for MODEL")
+    ap.add_argument("--max-tokens", type=int, default=128, help="task mode: tokens per answer")
+    ap.add_argument("--llama-lookup", default=None, help="task mode: a llama-lookup binary built from "
+                                                         "llama-cpp-python's vendored llama.cpp")
     ap.add_argument("--presets", default="kanana-1.5-2.1b")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds over the engines (best tokens/s of the rounds is reported, every round listed)")
-    ap.add_argument("--save", default="speed", help="results file name under bench/results/")
+    ap.add_argument("--save", default=None, help="results file name under bench/results/ (speed, or speed_tasks "
+                                                 "with --tasks)")
     ap.add_argument("--work", type=Path, default=Path("/work/scratch"))
     ap.add_argument("--engines", default="numpy,onnxruntime,llama.cpp",
                     help=f"comma list of numpy, onnxruntime, {NOSPIN} (KANANA_QUANT_ORT_SPIN=0), {ISOLATED}, "
@@ -277,6 +339,10 @@ def main() -> None:
                     help="use this quantized checkpoint for PRESET instead of synthesising and RTN-quantizing "
                          "(repeatable; PRESET= may be left out when --presets names one preset)")
     args = ap.parse_args()
+    if args.tasks:
+        args.save = args.save or "speed_tasks"
+        return task_mode(args)
+    args.save = args.save or "speed"
     presets = args.presets.split(",")
     checkpoints = checkpoint_map(args.checkpoint, presets)
     from kanana_quant.config import ModelConfig
