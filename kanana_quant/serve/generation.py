@@ -12,6 +12,7 @@ from kanana_quant.chat_format import Content, ToolCallParser
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.runtimes.generate import Constraint, Decoding, Step, common_prefix
 from kanana_quant.runtimes.sampling import SamplingParams
+from kanana_quant.runtimes.speculative import PromptLookup
 from kanana_quant.serve.slots import Slot
 from kanana_quant.tokenizer import Tokenizer
 
@@ -85,8 +86,9 @@ class Generation:
             slot.cached = (ids + generated)[: engine.pos]
 
     def _decode(self, engine, reuse: int, generated: list[int]) -> None:
+        # Prompt lookup drafts for free-text requests (RAG answers quote their context); a grammar decodes plainly.
         decoding = Decoding(engine, self.prompt_ids, self.max_tokens, self.params, self.tok.eos_ids, reuse,
-                            self.constraint, self.logprobs)
+                            self.constraint, self.logprobs, drafter=PromptLookup())
         text, stopper = self.tok.stream(), StopStrings(self.stops)
         parser = ToolCallParser() if self.tools else None
         reason, pending = None, []
