@@ -24,11 +24,15 @@ ModelArg = typer.Argument(..., help="Model directory, quantized checkpoint, .ggu
 LookupOption = typer.Option(True, "--lookup/--no-lookup", help="Prompt-lookup decoding: draft tokens by copying "
                                                                "from the prompt and the reply, verify them in one "
                                                                "forward (same output distribution; greedy: same text).")
+KvTypeOption = typer.Option("auto", "--kv-type", help="KV-cache storage: auto (the engine's: f32 in numpy and "
+                                                     "onnxruntime, f16 in llama.cpp), f32, f16 (numpy, llama.cpp) "
+                                                     "or q8_0 (llama.cpp).")
+CtxOption = typer.Option(None, "--ctx", help="Context length in tokens (default: the model's, cut to what fits in RAM).")
 DraftOption = typer.Option(None, "--draft", help="A smaller model with the same tokenizer that drafts tokens for "
                                                   "MODEL (speculative decoding; run with the same --engine).")
 
 
-def _load(model: str, max_seq_len: int | None = None, engine: str = "auto"):
+def _load(model: str, max_seq_len: int | None = None, engine: str = "auto", kv_type: str = "auto"):
     from kanana_quant.hub import resolve_model
     from kanana_quant.loader import open_model
     from kanana_quant.runtimes.engines import open_engine, resolve_engine
@@ -36,7 +40,7 @@ def _load(model: str, max_seq_len: int | None = None, engine: str = "auto"):
     resolve_engine(engine, resolve_model(model))  # a wrong --engine fails before any loading
     loaded = open_model(model)
     with progress_bar(f"loading {loaded.path.name}", loaded.config.num_layers) as advance:
-        runtime = open_engine(loaded, engine, max_seq_len=max_seq_len, on_layer=advance)
+        runtime = open_engine(loaded, engine, max_seq_len=max_seq_len, on_layer=advance, kv_type=kv_type)
     return loaded, runtime
 
 
@@ -138,6 +142,8 @@ def generate(
     engine: str = EngineOption,
     lookup: bool = LookupOption,
     draft: Optional[str] = DraftOption,
+    ctx: Optional[int] = CtxOption,
+    kv_type: str = KvTypeOption,
 ):
     """Print the continuation of PROMPT (only the new text on stdout; logs on stderr)."""
     from kanana_quant.runtimes.generate import Decoding
@@ -145,7 +151,7 @@ def generate(
     if max_tokens < 1:
         raise KananaQuantError(f"--max-tokens must be at least 1, got {max_tokens}")
     params = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
-    loaded, runtime = _load(model, engine=engine)
+    loaded, runtime = _load(model, max_seq_len=ctx, engine=engine, kv_type=kv_type)
     drafter = _drafter(draft, lookup, engine, loaded, params)
     tok = loaded.tokenizer
     ids = (tok.encode_chat([{"role": "user", "content": prompt}]) if chat_template
@@ -171,6 +177,7 @@ def evaluate(
     ctx: int = typer.Option(512, help="Window length in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     engine: str = EngineOption,
+    kv_type: str = KvTypeOption,
     ref: Optional[str] = typer.Option(None, help="Float model to compare with: adds its perplexity and the KL "
                                                  "divergence from it."),
 ):
@@ -183,7 +190,7 @@ def evaluate(
         body = text.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise KananaQuantError(f"{text}: not UTF-8 text") from None
-    loaded, runtime = _load(model, max_seq_len=ctx, engine=engine)
+    loaded, runtime = _load(model, max_seq_len=ctx, engine=engine, kv_type=kv_type)
     ids = loaded.tokenizer.encode(body, add_special_tokens=False)
     ref_runtime = None
     if ref is not None:
@@ -352,13 +359,15 @@ def chat(
     engine: str = EngineOption,
     lookup: bool = LookupOption,
     draft: Optional[str] = DraftOption,
+    ctx: Optional[int] = CtxOption,
+    kv_type: str = KvTypeOption,
 ):
     """Interactive chat with streaming replies. /reset clears the history, /exit or Ctrl-D quits;
     Ctrl-C stops a reply without ending the session."""
     from kanana_quant.runtimes.generate import ChatSession
 
     params = _sampling(temperature, top_k, top_p, repetition_penalty, seed)
-    loaded, runtime = _load(model, engine=engine)
+    loaded, runtime = _load(model, max_seq_len=ctx, engine=engine, kv_type=kv_type)
     session = ChatSession(runtime, loaded.tokenizer, params, max_tokens, system,
                           drafter=_drafter(draft, lookup, engine, loaded, params))
     log(f"[bold]chatting with {loaded.path.name}[/bold] — /reset clears history, /exit quits, Ctrl-C stops a reply")
@@ -391,6 +400,7 @@ def chat(
 def serve(
     model: str = ModelArg,
     engine: str = EngineOption,
+    kv_type: str = KvTypeOption,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, help="TCP port."),
     api_key: Optional[str] = typer.Option(
@@ -412,7 +422,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log(f"[yellow]listening on {host} without --api-key: anyone who can reach it can use the model[/yellow]")
     service = open_service(model, Settings(engine=engine, parallel=parallel, ctx=ctx, max_queue=queue, name=name,
-                                           api_key=api_key))
+                                           api_key=api_key, kv_type=kv_type))
     slots = f"{parallel} slot{'s' if parallel > 1 else ''}"
     log(f"[bold]serving {service.name}[/bold] ({service.engine_name}, {slots}, context {service.context}) on "
         f"http://{host}:{port}/ — OpenAI API at http://{host}:{port}/v1")

@@ -26,6 +26,7 @@ F32 = 4
 BATCH = 8  # QuantOptions.batch: calibration sequences per forward batch
 AWQ_TOKENS = 4096  # calibration tokens the AWQ scale search reads per layer (QuantOptions.awq_tokens)
 RAM_HEADROOM = 0.9  # plan on at most this share of the available RAM
+MIN_CONTEXT = 256  # a context cut to fit RAM shorter than this is refused instead
 GGUF_METADATA_BYTES = 16 << 20  # tokenizer and hyperparameters, over-estimated
 
 
@@ -49,6 +50,36 @@ def available_memory() -> int | None:
     if cgroup is not None:
         candidates.append(cgroup)
     return min(candidates) if candidates else None
+
+
+def fit_context(loaded, asked: int | None, kv_bytes_per_token: int, kv_type: str) -> int:
+    """The context to open an engine with, decided before any allocation: `asked`, refused with one line when
+    its KV cache and the weights will not fit in the RAM left; or, when not asked, the model's context cut to
+    what fits."""
+    cfg = loaded.config
+    if asked is not None and asked < 1:
+        raise KananaQuantError(f"--ctx must be at least 1, got {asked}")
+    context = min(asked or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    room = available_memory()
+    if room is None:
+        return context
+    weights = loaded.weights.nbytes()
+    fits = int((room * RAM_HEADROOM - weights) // kv_bytes_per_token)
+    if context <= fits:
+        return context
+    if asked is not None or fits < min(cfg.max_position_embeddings, MIN_CONTEXT):
+        raise KananaQuantError(f"a context of {context} tokens needs {_size(weights + context * kv_bytes_per_token)} "
+                               f"({kv_type} KV cache and weights), {_size(room)} of RAM is free; lower --ctx (at most "
+                               f"{max(fits, 0)} fit) or store the cache smaller with --kv-type")
+    from kanana_quant.progress import log
+
+    log(f"[yellow]context cut from {context} to {fits} tokens: that is what fits in the {_size(room)} of RAM free "
+        f"with a {kv_type} KV cache (--ctx and --kv-type choose)[/yellow]")
+    return fits
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _cgroup_room() -> int | None:

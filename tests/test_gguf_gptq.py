@@ -67,7 +67,7 @@ def test_quantize_format_gguf_runs_in_llamacpp(model_dirs, tmp_path, variant, fi
     assert not list(tmp_path.glob(".*work"))
     model = open_model(str(out))
     ids = model.tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)[:12]
-    llama = LlamaCppEngine(out, model.config, max_seq_len=64, threads=1, f32_kv_cache=True)
+    llama = LlamaCppEngine(out, model.config, max_seq_len=64, threads=1, kv_type="f32")
     theirs = np.stack([llama.forward([t]) for t in ids])
     ours = numpy_engine_like_llamacpp(model.weights)
     ours = np.stack([ours.forward([t]) for t in ids])

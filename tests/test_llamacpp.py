@@ -24,7 +24,7 @@ KOREAN_ENGLISH = ["안녕하세요, 카나나입니다. Hello from Kanana!", "�
 
 
 def llamacpp(path, model, **kwargs) -> LlamaCppEngine:
-    return LlamaCppEngine(path, model.config, max_seq_len=256, threads=1, f32_kv_cache=True, **kwargs)
+    return LlamaCppEngine(path, model.config, max_seq_len=256, threads=1, kv_type="f32", **kwargs)
 
 
 @pytest.mark.parametrize("variant", ["dense-tied", "dense-llama3-rope", "moe-mixtral", "dense-untied-yarn"])

@@ -12,6 +12,10 @@ from typing import Callable
 from kanana_quant.errors import KananaQuantError
 
 ENGINES = ("auto", "numpy", "llama.cpp", "onnxruntime")
+# KV-cache storage by engine (the first is the engine's default) and bytes per cached value. onnxruntime's
+# GroupQueryAttention takes the graph's float32 cache; llama.cpp quantizes V only with flash attention on.
+KV_TYPES = {"numpy": ("f32", "f16"), "onnxruntime": ("f32",), "llama.cpp": ("f16", "f32", "q8_0")}
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 PACKAGES = {"llama.cpp": ("llama_cpp", "llamacpp"), "onnxruntime": ("onnxruntime", "onnx")}  # module, extra
 
 
@@ -44,27 +48,50 @@ def resolve_engine(engine: str, path: Path) -> str:
     return engine
 
 
+def kv_type_for(engine: str, kv_type: str | None) -> str:
+    """The KV type an engine stores: as asked (when it can), or its default."""
+    types = KV_TYPES[engine]
+    if kv_type in (None, "auto"):
+        return types[0]
+    if kv_type not in types:
+        raise KananaQuantError(f"--kv-type {kv_type} is not available in {engine}; it stores {', '.join(types)}")
+    return kv_type
+
+
+def kv_cache_bytes(cfg, tokens: int, kv_type: str) -> int:
+    """Keys and values of `tokens` positions in every layer."""
+    return int(2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * tokens * KV_BYTES[kv_type])
+
+
 def open_engine(loaded, engine: str = "auto", max_seq_len: int | None = None, threads: int | None = None,
-                on_layer: Callable[[int], None] | None = None, isolated: bool = True):
+                on_layer: Callable[[int], None] | None = None, isolated: bool = True, kv_type: str | None = None):
     """The engine for an opened model. llama.cpp and onnxruntime run in a child process unless
     `isolated` is False, so a native crash there is an EngineCrashed error here (POSIX only: elsewhere they
-    run in this process)."""
+    run in this process).
+
+    The context is checked against the RAM left before anything is allocated: an explicit `max_seq_len` whose
+    KV cache (of `kv_type`, default the engine's) and weights do not fit is refused with one line; without
+    one, the model's context is cut to what fits (logged)."""
+    from kanana_quant.resources import fit_context
+
     engine = resolve_engine(engine, loaded.path)
+    kv_type = kv_type_for(engine, kv_type)
+    max_seq_len = fit_context(loaded, max_seq_len, kv_cache_bytes(loaded.config, 1, kv_type), kv_type)
     if engine == "numpy":
         from kanana_quant.runtimes.numpy_engine import NumpyEngine
 
-        return NumpyEngine(loaded.weights, max_seq_len=max_seq_len, on_layer=on_layer)
+        return NumpyEngine(loaded.weights, max_seq_len=max_seq_len, on_layer=on_layer, kv_type=kv_type)
     why = missing_package(engine)
     if why:
         raise KananaQuantError(why)
     if isolated and os.name == "posix":
         from kanana_quant.runtimes.isolated import IsolatedEngine
 
-        return IsolatedEngine(engine, loaded.path, max_seq_len=max_seq_len, threads=threads)
+        return IsolatedEngine(engine, loaded.path, max_seq_len=max_seq_len, threads=threads, kv_type=kv_type)
     if engine == "llama.cpp":
         from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
 
-        return LlamaCppEngine(loaded.path, loaded.config, max_seq_len=max_seq_len, threads=threads)
+        return LlamaCppEngine(loaded.path, loaded.config, max_seq_len=max_seq_len, threads=threads, kv_type=kv_type)
     from kanana_quant.runtimes.onnx_engine import OnnxEngine
 
     return OnnxEngine(loaded.path, max_seq_len=max_seq_len, threads=threads)

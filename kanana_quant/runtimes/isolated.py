@@ -58,12 +58,14 @@ def _unframe(message: bytes) -> tuple[dict, memoryview]:
 class IsolatedEngine:
     """`engine` ("llama.cpp" or "onnxruntime") on the model at `path`, in a child process."""
 
-    def __init__(self, engine: str, path: Path, max_seq_len: int | None = None, threads: int | None = None):
+    def __init__(self, engine: str, path: Path, max_seq_len: int | None = None, threads: int | None = None,
+                 kv_type: str = "f32"):
         if engine not in ISOLATED_ENGINES:
             raise ValueError(f"no isolated engine {engine!r}")
         self.name, self.path, self.pos = engine, Path(path), 0
         ours, theirs = socket.socketpair()
-        spec = {"engine": engine, "path": str(path), "max_seq_len": max_seq_len, "threads": threads}
+        spec = {"engine": engine, "path": str(path), "max_seq_len": max_seq_len, "threads": threads,
+                "kv_type": kv_type}
         self._child = subprocess.Popen(
             [sys.executable, "-m", "kanana_quant.runtimes.isolated", str(theirs.fileno()), json.dumps(spec)],
             pass_fds=(theirs.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL)
@@ -130,7 +132,7 @@ def _open(spec: dict):
         from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
 
         engine = LlamaCppEngine(path, open_checkpoint(path).config, max_seq_len=spec["max_seq_len"],
-                                threads=spec["threads"])
+                                threads=spec["threads"], kv_type=spec["kv_type"])
         return engine, engine.configuration
     from kanana_quant.runtimes.onnx_engine import OnnxEngine, describe
 

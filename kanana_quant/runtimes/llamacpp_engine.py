@@ -25,7 +25,7 @@ from kanana_quant.progress import log
 from kanana_quant.rope import llamacpp_yarn
 from kanana_quant.runtimes.generate import thread_budget
 
-GGML_TYPE_F32 = 0  # KV-cache type: keeps llama.cpp's attention in float32 like our runtimes
+GGML_KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # engines.KV_TYPES names → ggml_type
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 REINSTALL = (f'CFLAGS="{NO_AMX_FLAGS}" CXXFLAGS="{NO_AMX_FLAGS}" '
              "pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python")
@@ -74,13 +74,14 @@ class LlamaCppEngine:
     name = "llama.cpp"
 
     def __init__(self, path: Path, config, max_seq_len: int | None = None, threads: int | None = None,
-                 f32_kv_cache: bool = False, extra_buffers: bool | None = None):
+                 kv_type: str = "f16", extra_buffers: bool | None = None):
         """extra_buffers: load with ggml's extra buffer types (CPU repacking, AMX); None decides from the build."""
         from llama_cpp import Llama
 
         self.config = config
         self.max_seq_len = min(max_seq_len or config.max_position_embeddings, config.max_position_embeddings)
-        kv = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv_cache else {}
+        # A quantized V cache needs flash attention in llama.cpp; otherwise its defaults (f16, no flash).
+        kv = {"type_k": GGML_KV_TYPES[kv_type], "type_v": GGML_KV_TYPES[kv_type], "flash_attn": kv_type == "q8_0"}
         kv.update(llamacpp_yarn(config) or {})
         threads = thread_budget(threads) or os.cpu_count() or 1
         extra_bufts, self.configuration = load_plan(build_features())

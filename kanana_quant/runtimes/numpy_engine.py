@@ -177,7 +177,8 @@ class NumpyEngine:
     name = "numpy"
 
     def __init__(self, weights: Weights, max_seq_len: int | None = None,
-                 on_layer: Callable[[int], None] | None = None, source: WeightSource | None = None):
+                 on_layer: Callable[[int], None] | None = None, source: WeightSource | None = None,
+                 kv_type: str = "f32"):
         """`source` builds the layers from `weights` (CheckpointWeights by default: packed codes stay packed);
         tests pass their own to compute the same model another way."""
         source = source or CheckpointWeights(weights)
@@ -193,6 +194,7 @@ class NumpyEngine:
         self.lm_head = FloatLinear(self.embed) if cfg.tie_word_embeddings else source.linear("lm_head")
         self.inv_freq, self.rope_scale = rope_frequencies(cfg)
         self._cache_len = 0
+        self.kv_dtype = {"f32": np.float32, "f16": np.float16}[kv_type]  # attention itself stays float32
         self.k_cache: np.ndarray | None = None
         self.v_cache: np.ndarray | None = None
         self.pos = 0
@@ -206,7 +208,7 @@ class NumpyEngine:
             return
         cfg = self.config
         shape = (cfg.num_layers, cfg.num_kv_heads, new_len, cfg.head_dim)
-        k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        k, v = np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype)
         if self.k_cache is not None:
             k[:, :, :self._cache_len] = self.k_cache
             v[:, :, :self._cache_len] = self.v_cache
@@ -242,7 +244,8 @@ class NumpyEngine:
         start, end = self.pos, self.pos + t
         self.k_cache[i, :, start:end] = k.transpose(1, 0, 2)
         self.v_cache[i, :, start:end] = v.transpose(1, 0, 2)
-        keys, values = self.k_cache[i, :, :end], self.v_cache[i, :, :end]  # [kv, S, d]
+        keys = self.k_cache[i, :, :end].astype(np.float32, copy=False)  # [kv, S, d]
+        values = self.v_cache[i, :, :end].astype(np.float32, copy=False)
         # Grouped-query attention: the heads sharing one KV head form a group [kv, group, T, d].
         q = q.transpose(1, 0, 2).reshape(kv, cfg.num_heads // kv, t, d)
         scores = (q @ keys[:, None].transpose(0, 1, 3, 2)) / np.float32(np.sqrt(d))

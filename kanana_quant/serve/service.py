@@ -33,6 +33,7 @@ class Settings:
     name: str | None = None
     api_key: str | None = None
     threads: int | None = None
+    kv_type: str | None = None  # the engine's default
 
 
 def model_name(path) -> str:
@@ -59,7 +60,7 @@ class Service:
         ctx = settings.ctx
 
         def opener():
-            return open_engine(loaded, settings.engine, max_seq_len=ctx, threads=threads)
+            return open_engine(loaded, settings.engine, max_seq_len=ctx, threads=threads, kv_type=settings.kv_type)
 
         self.pool = SlotPool(opener, settings.parallel, settings.max_queue)
         first = self.pool.slots[0].engine
