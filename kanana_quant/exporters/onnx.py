@@ -537,12 +537,25 @@ def export_onnx(model, out_dir: str | Path, accuracy_level: int = 4, lm_head: st
     return ExportReport(out, nbytes, kinds, moe_op, metadata["lm_head"])
 
 
+def _tokenizer_config(text: str, tok) -> str:
+    """tokenizer_config.json with `add_bos_token` saying what the tokenizer itself does (Kanana's, like
+    Llama-3's, prepends <|begin_of_text|> through tokenizer.json's post-processor). onnxruntime-extensions
+    (onnxruntime-genai's tokenizer) reads the flag; transformers' answer is unchanged by it."""
+    config = json.loads(text)
+    if isinstance(config, dict) and tok.bos_id is not None:
+        config["add_bos_token"] = tok.encode("a", add_special_tokens=True)[:1] == [tok.bos_id]
+        text = json.dumps(config, indent=2, ensure_ascii=False)
+    return text
+
+
 def _write_side_files(model, tmp: Path) -> list[str]:
     """config.json (without quantization_config: the export is its own format) and the tokenizer files."""
     raw = dict(model.config.raw)
     raw.pop("quantization_config", None)
     (tmp / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False), encoding="utf-8")
     files = side_files(Path(model.path), model.tokenizer)
+    if "tokenizer_config.json" in files:
+        files["tokenizer_config.json"] = _tokenizer_config(files["tokenizer_config.json"], model.tokenizer)
     for fname, text in files.items():
         (tmp / fname).write_text(text, encoding="utf-8")
     return sorted(files)
