@@ -273,8 +273,21 @@ def llamacpp_run(path: Path, ids: list[int], steps: int) -> dict:
         tokens.append(int(np.argmax(engine.forward([tokens[-1]]))))
     row = {"tokens": tokens, "logits": first, "version": f"llama-cpp-python {llama_cpp.__version__}"}
     if "F32" not in path.name:
-        row["note"] = "llama.cpp rounds activations to Q8_0 blocks for Q4_0 weights: logits differ by that"
+        row["note"] = (f"{gguf_head_note(path)}, and llama.cpp rounds activations to Q8_0 blocks for Q4_0 "
+                       "weights: logits differ by both")
+    else:
+        row["note"] = "llama.cpp's default F16 KV cache"
     return row
+
+
+def gguf_head_note(path: Path) -> str:
+    """What the GGUF's mix did to the float tensors the checkpoint kept (llama-quantize's rules)."""
+    from gguf import GGUFReader
+
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors if not t.name.startswith("blk.")}
+    parts = [f"{name.split('.')[0]} {kind}" for name, kind in kinds.items() if name in ("token_embd.weight",
+                                                                                           "output.weight")]
+    return "the file's mix re-rounds the float embedding / lm_head (" + ", ".join(parts) + ")"
 
 
 def ggufpy_run(path: Path, ref_model) -> dict:
@@ -304,8 +317,11 @@ def transformers_gguf_run(path: Path, ref: dict, steps: int) -> dict:
         logits = model(torch.tensor([ref["ids"]])).logits[0, -1].float().numpy()
     tokens = _greedy(model, ref["ids"], steps)
     loading = {k: sorted(v)[:4] + ([f"... {len(v)} in all"] if len(v) > 4 else []) for k, v in info.items() if v}
-    return {"tokens": tokens, "logits": logits, "class": type(model).__name__, "loading": loading,
-            "mlp": type(model.model.layers[0].mlp).__name__, "version": f"transformers {transformers.__version__}"}
+    row = {"tokens": tokens, "logits": logits, "class": type(model).__name__, "loading": loading,
+           "mlp": type(model.model.layers[0].mlp).__name__, "version": f"transformers {transformers.__version__}"}
+    if "F32" not in path.name:
+        row["note"] = gguf_head_note(path)
+    return row
 
 
 def _dist_version(name: str) -> str:
@@ -339,9 +355,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--save", default="ecosystem")
     ap.add_argument("--worker", nargs=2, type=Path, metavar=("JOBS", "OUT"), help=argparse.SUPPRESS)
+    sp = ap.add_argument_group("the ONNX contract's speed (instead of the compatibility table)")
+    sp.add_argument("--contract-speed", action="store_true",
+                    help="time --onnx-before (exported by --old-tree's code) against --onnx-after, interleaved")
+    sp.add_argument("--old-tree", type=Path, help="a source tree of the old contract (git archive 65dab01)")
+    sp.add_argument("--onnx-before", type=Path)
+    sp.add_argument("--onnx-after", type=Path)
+    sp.add_argument("--rounds", type=int, default=4)
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--label", default="Kanana-1.5-2.1B, RTN 4-bit g128 asym")
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker)
+    if args.contract_speed:
+        return contract_speed(args)
 
     import numpy as np
 
@@ -422,6 +449,53 @@ def main() -> None:
         rows.append(row)
         print(f"{job['output']:44} {names[job['engine']]:34} {row['result']:24} {row.get('error', '')[:100]}")
     save(args.save, {"prompt": PROMPT, "steps": args.steps, "tolerance": TOL, "rows": rows})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The graph contract's cost: bench/speed.py's timed child on an export of the old contract (run from the
+# old source tree) and of the new one, interleaved round by round on one machine
+
+OLD_TREE_RUNNER = """
+import runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # not the venv's kanana_quant
+tree = sys.argv.pop(1)
+sys.path[:0] = [tree, tree + "/bench"]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def contract_speed(args) -> None:
+    import statistics
+
+    sys.path.insert(0, str(HERE))
+    from common import cpu, save
+
+    vocab = json.loads((args.onnx_after / "config.json").read_text())["vocab_size"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    sides = {"before": [sys.executable, "-c", OLD_TREE_RUNNER, str(args.old_tree), str(args.old_tree / "bench/speed.py")],
+             "after": [sys.executable, str(HERE / "speed.py")]}
+    exports = {"before": args.onnx_before, "after": args.onnx_after}
+    runs: dict = {"before": [], "after": []}
+    for round_ in range(args.rounds):
+        for side in (("before", "after") if round_ % 2 == 0 else ("after", "before")):
+            out = subprocess.run([*sides[side], "--child", "onnxruntime", str(exports[side]), str(args.threads),
+                                  "128", "512", str(vocab)], env=env, check=True, capture_output=True, text=True)
+            runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(side, round_, {k: round(v, 2) for k, v in runs[side][-1].items() if isinstance(v, float)}, flush=True)
+    summary = {}
+    for side, rs in runs.items():
+        summary[side] = {key: {"best": round(max(r[key] for r in rs), 2),
+                               "median": round(statistics.median(r[key] for r in rs), 2),
+                               "all": [round(r[key], 2) for r in rs]}
+                         for key in ("decode_tok_s", "prefill_tok_s", "peak_rss_gib", "load_s")}
+        summary[side]["configuration"] = rs[0]["configuration"]
+    save("onnx_contract_speed", {"model": args.label, "threads": args.threads, "cpu": cpu(),
+                                 "exports": {k: str(v) for k, v in exports.items()},
+                                 "old_tree": str(args.old_tree), "protocol": "bench/speed.py's child per run "
+                                 "(one untimed 512-token prefill, 128 decode steps after a 32-token prompt, one "
+                                 "512-token prefill), before/after alternating, rounds " + str(args.rounds),
+                                 "summary": summary})
 
 
 def _hf_names(model) -> dict:
