@@ -136,7 +136,11 @@ def worker(jobs_file: Path, out_file: Path) -> None:
         try:
             result = _worker_job(job)
         except Exception as e:  # the engine's own words, first line
-            result = {"engine": job["engine"], "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:400]}"}
+            from importlib.metadata import version
+
+            package = {"gptqmodel": "GPTQModel", "transformers": "transformers"}[job["engine"]]
+            result = {"engine": job["engine"], "version": f"{package} {version(package)}",
+                      "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:400]}"}
         result.update(output=job["output"], seconds=round(time.perf_counter() - t0, 1))
         results.append(result)
     out_file.write_text(json.dumps(results))
