@@ -275,6 +275,70 @@ def cost_section(c: dict) -> list[str]:
     return lines + [""]
 
 
+def ecosystem_section(e: dict, contract: dict | None) -> list[str]:
+    """The compatibility table of bench/ecosystem.py: each output in each engine that claims to load it."""
+    lines = ["## Ecosystem: which engines load which output", "",
+             f"Data: {provenance(e)}. Tiny Kanana-shaped models (random weights; dense Llama with 256-wide rows, "
+             "Mixtral MoE with 8 experts top-2), quantized by `kanana-quant quantize` with GPTQ (symmetric) and "
+             "AWQ (asymmetric) 4-bit group 32, exported with `export onnx --accuracy-level 0 --lm-head float` "
+             "and `export gguf --type Q4_0 / F32`, each loaded in the engine named and compared with our numpy "
+             f"runtime on the same checkpoint: {e['steps']} greedy tokens after a Korean+English prompt, and the "
+             f"prompt's last logits (float32 engines agree within {e['tolerance']:g}). GPTQModel's CPU kernels "
+             "compute in bfloat16, so its float32 rows run the transformers model GPTQModel built with the "
+             "weights GPTQModel itself dequantized (checked bit for bit against ours); its kernel's own tokens "
+             "are noted. Each GPTQModel / transformers load runs in a fresh process (importing gptqmodel patches "
+             "transformers' MoE loading).", "",
+             "| output | engine | result | greedy tokens equal to ours | max abs logit Δ | notes |",
+             "|---|---|---|---|---|---|"]
+    for r in e["rows"]:
+        notes = []
+        if r.get("error"):
+            notes.append(f"`{r['error'][:160]}`")
+        if r.get("weights_compared"):
+            notes.append("dequantized weights bit-identical to ours" if r.get("weights_identical") else
+                         f"its dequantization differs from ours by up to {r.get('max_abs_weight_diff', 0):.2g}")
+        if r.get("tensors"):
+            notes.append(f"{r['tensors']} quantized tensors dequantized by gguf-py, max Δ to ours "
+                         f"{r['max_abs_weight_diff']:.2g}")
+        if "kernel_tokens_identical" in r:
+            notes.append(f"its own kernel ({', '.join(r.get('kernels', []))}): "
+                         f"{r['kernel_tokens_identical']}/{r.get('steps', e['steps'])} tokens")
+        loading = r.get("loading") or {}
+        for key in ("missing_keys", "unexpected_keys"):
+            if loading.get(key):
+                count = loading[key][-1].split()[1] if loading[key][-1].startswith("...") else len(loading[key])
+                notes.append(f"{key.replace('_', ' ')}: {count} (e.g. `{loading[key][0]}`)")
+        if r.get("mlp") and r.get("moe"):
+            notes.append(f"built as {r.get('class')} with {r['mlp']} blocks")
+        if r.get("dequantize_error") or r.get("forward_error"):
+            notes.append(f"uninitialised modules: `{(r.get('forward_error') or r.get('dequantize_error'))[:100]}`")
+        if r.get("note"):
+            notes.append(r["note"])
+        tokens = f"{r['tokens_identical']}/{r['steps']}" if "tokens_identical" in r else "–"
+        delta = f"{r['max_abs_logit_diff']:.2g}" if "max_abs_logit_diff" in r else "–"
+        version = r.get("version", "")
+        lines.append(f"| {r['output']} | {r['engine']}{f' ({version})' if version else ''} | **{r['result']}** | "
+                     f"{tokens} | {delta} | {'; '.join(notes)} |")
+    lines.append("")
+    if contract:
+        sm = contract["summary"]
+        lines += ["### The ONNX graph contract's cost", "",
+                  f"Data: {provenance(contract)}, {contract['threads']} threads; {contract['model']}. "
+                  f"{contract['protocol']}. Before: the export and engine of the source tree at "
+                  f"`{contract['old_tree']}` (seqlens_k / total_sequence_length / logits_index fed by the engine, "
+                  "batch fixed at 1); after: this tree's (attention_mask in, seqlens computed inside, symbolic "
+                  "batch, logits_to_keep).", "",
+                  "| | decode tok/s best / median (rounds) | prefill tok/s best / median (rounds) | peak RSS GiB |",
+                  "|---|---|---|---|"]
+        for side in ("before", "after"):
+            d, p = sm[side]["decode_tok_s"], sm[side]["prefill_tok_s"]
+            lines.append(f"| {side} | {d['best']} / {d['median']} ({', '.join(map(str, d['all']))}) | "
+                         f"{p['best']} / {p['median']} ({', '.join(map(str, p['all']))}) | "
+                         f"{sm[side]['peak_rss_gib']['best']} |")
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", action="store_true", help="re-run the benchmarks first")
@@ -299,6 +363,9 @@ def main() -> None:
         lines += serve_section(serve)
     if grammar:
         lines += grammar_section(grammar)
+    ecosystem = load("ecosystem")
+    if ecosystem:
+        lines += ecosystem_section(ecosystem, load("onnx_contract_speed"))
     missing = [n for n, r in zip(("quality", "gguf_quality", "speed", "quant_cost"),
                                  (quality, gguf_quality, speed, cost)) if r is None]
     if missing:

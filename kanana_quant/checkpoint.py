@@ -41,7 +41,8 @@ class HFCheckpoint:
         self.config = config or load_config(self.dir)
         self._files: dict[str, SafetensorsFile] = {}
         self._where = self._weight_map()  # HF name -> shard file name
-        self._hf = names.hf_name_map(self.config)
+        self.moe_layout = names.moe_layout(self.config, self._where)
+        self._hf = names.hf_name_map(self.config, self.moe_layout)
         self._check_tensors()
 
     def _weight_map(self) -> dict[str, str]:

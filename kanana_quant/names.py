@@ -23,13 +23,22 @@ ATTENTION_BIAS_HF = {"q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_p
 QK_NORM_HF = {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
 DENSE_MLP_HF = {"gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight"}
 
-# MoE naming -> (router name, expert name pattern, our projection -> their projection).
-MOE_HF = {
-    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.{p}.weight",
-                {"gate": "w1", "up": "w3", "down": "w2"}),
-    "qwen": ("mlp.gate.weight", "mlp.experts.{e}.{p}.weight",
-             {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
+# MoE tensor layouts -> (router name, expert name pattern, our projection -> their projection).
+MOE_LAYOUTS = {
+    "block_sparse_moe": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.{p}.weight",
+                         {"gate": "w1", "up": "w3", "down": "w2"}),
+    "mlp": ("mlp.gate.weight", "mlp.experts.{e}.{p}.weight",
+            {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
+# The layout a model family's own float checkpoints use (config.MoEConfig.naming -> layout).
+SOURCE_LAYOUT = {"mixtral": "block_sparse_moe", "qwen": "mlp"}
+# The layout our quantized checkpoints are written in, whatever the source's: the one GPTQModel (the loader
+# transformers and vLLM users go through) loads. Measured with GPTQModel 7.7 (bench/ecosystem.py): Mixtral
+# experts as block_sparse_moe.experts.E.w1/w2/w3 are refused ("Missing required quantized weights …
+# mlp.experts.0.down_proj.qweight") and a block_sparse_moe.gate router is left unused (a random router); as
+# mlp.gate + mlp.experts.E.{gate,up,down}_proj the model loads and decodes as ours. transformers 5's Mixtral
+# module is named mlp too. Readers accept either layout.
+WRITTEN_LAYOUT = "mlp"
 
 # The linear layers of a decoder layer in calibration order (GPTQ true-sequential groups).
 ATTENTION_LINEARS = ("q", "k", "v", "o")
@@ -61,8 +70,8 @@ def canonical_names(cfg: ModelConfig) -> list[str]:
     return names
 
 
-def hf_name(cfg: ModelConfig, name: str) -> str:
-    """The Hugging Face tensor name of a canonical name."""
+def hf_name(cfg: ModelConfig, name: str, layout: str | None = None) -> str:
+    """The Hugging Face tensor name of a canonical name; MoE tensors in `layout` (default: the family's own)."""
     if name in GLOBAL_HF:
         return GLOBAL_HF[name]
     _, index, role = name.split(".", 2)
@@ -71,7 +80,7 @@ def hf_name(cfg: ModelConfig, name: str) -> str:
         if role in table:
             return prefix + table[role]
     if cfg.moe:
-        router, pattern, proj = MOE_HF[cfg.moe.naming]
+        router, pattern, proj = MOE_LAYOUTS[layout or SOURCE_LAYOUT[cfg.moe.naming]]
         if role == "router":
             return prefix + router
         if role.startswith("experts."):
@@ -82,9 +91,23 @@ def hf_name(cfg: ModelConfig, name: str) -> str:
     raise KeyError(f"no tensor role {role!r} in a {cfg.architecture} layer")
 
 
-def hf_name_map(cfg: ModelConfig) -> dict[str, str]:
-    """canonical -> Hugging Face name for every tensor of the model."""
-    return {name: hf_name(cfg, name) for name in canonical_names(cfg)}
+def hf_name_map(cfg: ModelConfig, layout: str | None = None) -> dict[str, str]:
+    """canonical -> Hugging Face name for every tensor of the model (MoE tensors in `layout`, default the
+    family's own)."""
+    return {name: hf_name(cfg, name, layout) for name in canonical_names(cfg)}
+
+
+def moe_layout(cfg: ModelConfig, tensor_names) -> str | None:
+    """The MoE layout a checkpoint's tensors are in: the family's own, or another one whose first router is
+    present (our quantized checkpoints write WRITTEN_LAYOUT); None for dense models."""
+    if not cfg.moe:
+        return None
+    own = SOURCE_LAYOUT[cfg.moe.naming]
+    present = set(tensor_names)
+    for layout in (own, *(k for k in MOE_LAYOUTS if k != own)):
+        if "model.layers.0." + MOE_LAYOUTS[layout][0] in present:
+            return layout
+    return own  # neither: the missing-tensor error names the family's own tensor
 
 
 def tensor_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from conftest import LLAMA3, YARN
 from kanana_quant import kanana
 from kanana_quant.config import ModelConfig
 from kanana_quant.errors import KananaQuantError
-from kanana_quant.names import canonical_names, hf_name_map
+from kanana_quant.names import WRITTEN_LAYOUT, canonical_names, hf_name_map
 from kanana_quant.rope import rope_frequencies
 from kanana_quant.synth import TINY
 
@@ -81,6 +81,10 @@ def test_moe_namings_map_to_hf_names():
     assert mixtral["layers.1.experts.7.gate"] == "model.layers.1.block_sparse_moe.experts.7.w1.weight"
     assert mixtral["layers.1.experts.7.up"] == "model.layers.1.block_sparse_moe.experts.7.w3.weight"
     assert mixtral["layers.0.router"] == "model.layers.0.block_sparse_moe.gate.weight"
+    # quantized checkpoints: the layout GPTQModel loads, for Mixtral too
+    written = hf_name_map(ModelConfig.from_hf(TINY["moe"]), WRITTEN_LAYOUT)
+    assert written["layers.1.experts.7.up"] == "model.layers.1.mlp.experts.7.up_proj.weight"
+    assert written["layers.0.router"] == "model.layers.0.mlp.gate.weight"
     qwen = hf_name_map(ModelConfig.from_hf(TINY["qwen-moe"]))
     assert qwen["layers.0.experts.3.down"] == "model.layers.0.mlp.experts.3.down_proj.weight"
     assert qwen["layers.0.q_norm"] == "model.layers.0.self_attn.q_norm.weight"

@@ -130,7 +130,7 @@ def test_float_export_matches_numpy_runtime(model_dirs, tmp_path, variant):
         assert np.abs(engine.forward([token]) - oracle.forward([token])).max() <= TOL
     chunk = engine.forward(IDS[14:20], all_logits=True) - oracle.forward(IDS[14:20], all_logits=True)
     assert np.abs(chunk).max() <= TOL
-    ops = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())["kanana_quant"]["ops"]
+    ops = json.loads((tmp_path / "onnx" / "kanana_quant.json").read_text())["ops"]
     assert ("MoE" in ops) == variant.startswith("moe")
 
 
@@ -152,7 +152,7 @@ def test_quantized_export_matches_numpy_runtime_on_the_same_checkpoint(quantized
     engine = _export(src, tmp_path / "onnx")
     oracle = NumpyEngine(open_model(str(src)).weights)
     assert _logits_diff(engine, oracle) <= TOL
-    ours = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())["kanana_quant"]
+    ours = json.loads((tmp_path / "onnx" / "kanana_quant.json").read_text())
     assert ours["ops"].get("MatMulNBits", 0) >= (4 if variant.startswith("moe") else 8)  # codes carried, not floats
     if variant.startswith("moe"):
         # 8-bit block-wise experts have only an int8-activation QMoE kernel; at accuracy level 0 they run in MoE
@@ -196,7 +196,7 @@ def test_accuracy_level_4_and_quantized_lm_head(quantized, tmp_path):
     oracle = NumpyEngine(model.weights)
     want = oracle.forward(IDS, all_logits=True)
     export_onnx(model, tmp_path / "fast")  # defaults: accuracy level 4, lm_head 8-bit for a quantized source
-    side = json.loads((tmp_path / "fast" / "genai_config.json").read_text())["kanana_quant"]
+    side = json.loads((tmp_path / "fast" / "kanana_quant.json").read_text())
     assert side["accuracy_level"] == 4 and side["lm_head"] == "q8"
     got = OnnxEngine(tmp_path / "fast", threads=1).forward(IDS, all_logits=True)
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()  # int8 activations: close, not exact

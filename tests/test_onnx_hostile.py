@@ -34,11 +34,22 @@ def _escape(directory):
     onnx.save(model, directory / "model.onnx")
 
 
+def _format_1(directory):
+    """What `export onnx` wrote before onnxruntime-genai's contract: our metadata inside genai_config.json."""
+    (directory / "kanana_quant.json").unlink()
+    (directory / "genai_config.json").write_text('{"model": {}, "kanana_quant": {"format": "kanana-quant-onnx", '
+                                                 '"version": 1}}')
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda d: _truncate(d / "model.onnx.data"), "out of bounds"),
     (lambda d: _truncate(d / "model.onnx"), "onnxruntime cannot load it"),
-    (lambda d: (d / "genai_config.json").write_text('{"kanana_quant": ['), "genai_config.json: not valid JSON"),
-    (lambda d: (d / "genai_config.json").write_text('{"kanana_quant": {"format": "x"}}'), "not a kanana-quant"),
+    (lambda d: (d / "genai_config.json").write_text('{"model": ['), "genai_config.json: not valid JSON"),
+    (lambda d: (d / "kanana_quant.json").write_text('{"format": ['), "kanana_quant.json: not valid JSON"),
+    (lambda d: (d / "kanana_quant.json").write_text('{"format": "x"}'), "not a kanana-quant ONNX export"),
+    (lambda d: (d / "kanana_quant.json").write_text('{"format": "kanana-quant-onnx", "version": 3}'),
+     "export format version 3"),
+    (lambda d: _format_1(d), "older kanana-quant (format 1"),
     (lambda d: _escape(d), "escapes model directory"),
 ])
 def test_damaged_onnx_export_fails_with_one_line(onnx_export, tmp_path, damage, message):

@@ -36,7 +36,7 @@ class Dequantized:
 
     def __init__(self, ckpt):
         self.ckpt, self.config = ckpt, ckpt.config
-        self.hf = names.hf_name_map(ckpt.config)
+        self.hf = names.hf_name_map(ckpt.config, ckpt.moe_layout)
         self.tensors = {}
         for file in sorted(ckpt.dir.glob("*.safetensors")):
             self.tensors.update(load_file(file))
@@ -119,6 +119,33 @@ def test_moe_quantization_touches_every_expert(model_dirs, tmp_path, variant):
                 # GPTQ's error feedback moved codes away from plain rounding: the expert was calibrated.
                 assert not np.array_equal(ckpt.qtensor(name).codes, rtn.qtensor(name).codes)
         np.testing.assert_array_equal(ckpt.get(f"layers.{i}.router"), float_ckpt.get(f"layers.{i}.router"))
+    # written in the layout GPTQModel loads (mlp.gate, mlp.experts.E.{gate,up,down}_proj), whatever the source's
+    tensors = load_file(out / "model.safetensors")
+    assert "model.layers.0.mlp.gate.weight" in tensors and "model.layers.0.mlp.experts.7.up_proj.qweight" in tensors
+    assert not any("block_sparse_moe" in k for k in tensors)
+
+
+def test_moe_checkpoint_in_the_source_layout_still_reads(model_dirs, tmp_path):
+    """Checkpoints written before the layout change (Mixtral's block_sparse_moe.experts.E.w1/w2/w3 names) read
+    back to the same weights."""
+    import re
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    out = quantize(model_dirs("moe-mixtral"), tmp_path / "q", "rtn")
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    renames = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    tensors = {re.sub(r"mlp\.experts\.(\d+)\.(\w+_proj)", lambda m: f"block_sparse_moe.experts.{m[1]}.{renames[m[2]]}",
+                      k).replace("mlp.gate.", "block_sparse_moe.gate."): v
+               for k, v in load_file(out / "model.safetensors").items()}
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.qweight" in tensors
+    save_file(tensors, old / "model.safetensors")
+    new_ckpt, old_ckpt = QuantizedCheckpoint(out), QuantizedCheckpoint(old)
+    assert (new_ckpt.moe_layout, old_ckpt.moe_layout) == ("mlp", "block_sparse_moe")
+    for name in ("layers.1.experts.3.down", "layers.0.experts.0.gate", "layers.1.router"):
+        np.testing.assert_array_equal(new_ckpt.get(name), old_ckpt.get(name))
 
 
 def test_resume_yields_identical_checkpoint(tiny_dense, tmp_path):

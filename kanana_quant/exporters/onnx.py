@@ -1,11 +1,15 @@
 """ONNX export: a loaded model (HF float or our quantized checkpoint) as one onnxruntime decoder graph with a
-KV cache, plus config, tokenizer files and a `genai_config.json` sidecar (see onnx_sidecar.py).
+KV cache, plus config, tokenizer files, onnxruntime-genai's `genai_config.json` and our `kanana_quant.json`
+(see onnx_sidecar.py for the graph contract, which is onnxruntime-genai's).
 
 Per layer: SkipSimplifiedLayerNormalization (the residual add fused with RMSNorm) → one fused QKV linear →
 GroupQueryAttention (rotary from our own cos/sin caches, YaRN's attention factor folded in, past and present
 KV sharing one buffer) → o → SkipSimplifiedLayerNormalization → fused gate|up linear → SiLU·up → down; MoE
 layers run `QMoE` (or `MoE` for float weights) on the router logits. Linears are `MatMulNBits` carrying the
-checkpoint's codes exactly (onnx_pack.py) or float MatMul; embeddings are a Gather.
+checkpoint's codes exactly (onnx_pack.py) or float MatMul; embeddings are a Gather. The batch dimension is
+symbolic: GroupQueryAttention's per-row `seqlens_k` (attention-mask sum − 1) and `total_sequence_length`
+(mask width) are computed once from `attention_mask`, and every reshape copies the batch and sequence
+dimensions from the tensor it reshapes.
 
 Weights are read, packed and appended to `model.onnx.data` one layer at a time (always external data, so
 graphs over 2 GB need nothing special); the directory appears only when complete.
@@ -193,7 +197,7 @@ class _Exporter:
             qkv = [self.linear(x, [p + "q", p + "k", p + "v"], f"layers.{i}.attn.qkv_proj"), "", ""]
         past_k, past_v = sc.past_names(i)
         present_k, present_v = sc.present_names(i)
-        out = self.g.node("GroupQueryAttention", [*qkv, past_k, past_v, sc.SEQLENS_K, sc.TOTAL_LENGTH, cos, sin],
+        out = self.g.node("GroupQueryAttention", [*qkv, past_k, past_v, self.seqlens_k, self.total_length, cos, sin],
                           outputs=[f"layers.{i}.attn/out", present_k, present_v], domain=MS,
                           name=f"layers.{i}.attn/GroupQueryAttention", num_heads=cfg.num_heads,
                           kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0)[0]
@@ -201,11 +205,11 @@ class _Exporter:
 
     def _head_norm(self, x: str, weight: str, heads: int, prefix: str) -> str:
         cfg = self.cfg
-        split = self.g.one("Reshape", [x, self.g.shape_const([1, -1, heads, cfg.head_dim])])
+        split = self.g.one("Reshape", [x, self.g.shape_const([0, 0, heads, cfg.head_dim])])
         normed = self.g.one("SimplifiedLayerNormalization", [split, self.g.const(prefix + ".weight",
                             self.weights.get(weight))], name=prefix + "/SimplifiedLayerNormalization", axis=-1,
                             epsilon=cfg.rms_norm_eps)
-        return self.g.one("Reshape", [normed, self.g.shape_const([1, -1, heads * cfg.head_dim])])
+        return self.g.one("Reshape", [normed, self.g.shape_const([0, 0, heads * cfg.head_dim])])
 
     def dense_mlp(self, i: int, x: str) -> str:
         p, inter = f"layers.{i}.", self.cfg.intermediate_size
@@ -250,7 +254,7 @@ class _Exporter:
             fc1, fc2 = self._float_experts(i, experts)
             out = self.g.one("MoE", [flat, router, fc1, "", fc2], domain=MS, name=name + "/MoE", **attrs)
             self.g.kinds["MoE"] = self.g.kinds.get("MoE", 0) + 1
-        return self.g.one("Reshape", [out, self.g.shape_const([1, -1, cfg.hidden_size])])
+        return self.g.one("Reshape", [out, self.hidden_shape])
 
     def _stack_experts(self, i: int, experts, roles: tuple[str, ...], bits: int, group: int):
         """[E, rows, K·bits/8] codes, [E, rows(, blocks)] scales and packed zeros (None when all default); for
@@ -313,12 +317,12 @@ class _Exporter:
                 rows = g.one("GatherBlockQuantized", [codes, sc.INPUT_IDS, g.const("embed_tokens.scales",
                              nb.scales[..., None])], domain=MS, name="embed_tokens/GatherBlockQuantized",
                              bits=nb.bits, block_size=nb.block, quantize_axis=2, gather_axis=0)
-                return nb, g.one("Reshape", [rows, g.shape_const([1, -1, cfg.hidden_size])])
+                return nb, g.one("Reshape", [rows, g.shape_const([0, 0, cfg.hidden_size])])
         embed = g.const("embed_tokens.weight", self.weights.get("embed"))
         return embed, g.one("Gather", [embed, sc.INPUT_IDS], name="embed_tokens/Gather", axis=0)
 
     def lm_head(self, x: str, embed) -> str:
-        """[1, N, H] → [1, N, V]."""
+        """[B, N, H] → [B, N, V]."""
         cfg, kind = self.cfg, self.lm_head_kind()
         source = "embed" if cfg.tie_word_embeddings else "lm_head"
         if kind == "carried":
@@ -331,7 +335,9 @@ class _Exporter:
             flat = self.g.one("Reshape", [x, self.g.shape_const([-1, cfg.hidden_size])])
             logits = self.g.one("Gemm", [flat, embed], name="lm_head/Gemm", transB=1)
             self.g.kinds["MatMul"] = self.g.kinds.get("MatMul", 0) + 1
-            return self.g.one("Reshape", [logits, self.g.shape_const([1, -1, cfg.vocab_size])])
+            rows = self.g.one("Slice", [self.g.one("Shape", [x]), self.g.shape_const([0]), self.g.shape_const([2])])
+            shape = self.g.one("Concat", [rows, self.g.shape_const([cfg.vocab_size])], axis=0)
+            return self.g.one("Reshape", [logits, shape])
         q = _qtensor_or_none(self.weights, "lm_head")
         return self._float_matmul(x, q.dequantize() if q is not None else self.weights.get("lm_head"), "lm_head")
 
@@ -343,12 +349,37 @@ class _Exporter:
         if isinstance(self.weights, HFCheckpoint):
             self.weights.close()
 
+    def sequence_lengths(self) -> None:
+        """GroupQueryAttention's seqlens_k (int32 [B]: each row's valid length − 1, i.e. the attention mask's
+        row sum − 1) and total_sequence_length (int32 scalar: the mask's width), computed once."""
+        g = self.g
+        total = g.one("ReduceSum", [sc.ATTENTION_MASK, g.shape_const([1])], name="attention_mask/ReduceSum",
+                      keepdims=0)
+        self.seqlens_k = g.one("Cast", [g.one("Sub", [total, g.const("one_i64", np.array(1, np.int64))])],
+                               name="seqlens_k/Cast", to=TensorProto.INT32)
+        width = g.one("Gather", [g.one("Shape", [sc.ATTENTION_MASK]), g.const("one_index", np.array(1, np.int64))],
+                      axis=0)
+        self.total_length = g.one("Cast", [width], name="total_sequence_length/Cast", to=TensorProto.INT32)
+
+    def keep_logits(self, x: str) -> str:
+        """The last `logits_to_keep` positions of x [B, S, H] (all of them when it is 0, its default)."""
+        g = self.g
+        g.const(sc.LOGITS_TO_KEEP, np.zeros(1, np.int64))  # the optional input's default
+        start = g.one("Neg", [sc.LOGITS_TO_KEEP])
+        end = g.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64))
+        return g.one("Slice", [x, start, end, g.shape_const([1])], name="logits_to_keep/Slice")
+
     def build(self, max_len: int, on_step: Callable[[str], None] | None) -> None:
         cfg, g = self.cfg, self.g
         step = on_step or (lambda _: None)
         cos, sin = rope_cos_sin(cfg, np.arange(max_len))
         cos, sin = g.const("rotary.cos_cache", cos), g.const("rotary.sin_cache", sin)
+        self.sequence_lengths()
         embed, x = self.embedding()
+        # [B, S, H], for reshapes back from [B·S, H] (MoE). Dense graphs do not read it, yet onnxruntime's arena
+        # peaked 175 MB higher at a 512-token prefill of Kanana-1.5-2.1B without this node (the same bytes of
+        # op outputs; its allocation order differs), so it stays.
+        self.hidden_shape = g.one("Shape", [x], name="hidden/Shape")
         step("embed")
         residual, pending = x, None
         eps = cfg.rms_norm_eps
@@ -372,23 +403,24 @@ class _Exporter:
         norm = g.const("norm.weight", self.weights.get("norm"))
         normed = g.node("SkipSimplifiedLayerNormalization", [pending, residual, norm], n_out=4, domain=MS,
                         name="norm/SkipLayerNorm", epsilon=eps)[0]
-        picked = g.one("Gather", [normed, sc.LOGITS_INDEX], name="logits_index/Gather", axis=1)
-        logits = self.lm_head(picked, embed)
+        logits = self.lm_head(self.keep_logits(normed), embed)
         g.node("Identity", [logits], outputs=[sc.LOGITS], name="logits/Identity")
         step("lm_head")
 
 
 def _value_infos(cfg: ModelConfig) -> tuple[list, list]:
-    f, i32, i64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
     vi = helper.make_tensor_value_info
-    inputs = [vi(sc.INPUT_IDS, i64, [1, "sequence_length"]), vi(sc.LOGITS_INDEX, i64, ["num_logits"])]
-    outputs = [vi(sc.LOGITS, f, [1, "num_logits", cfg.vocab_size])]
+    inputs = [vi(sc.INPUT_IDS, i64, ["batch_size", "sequence_length"]),
+              vi(sc.ATTENTION_MASK, i64, ["batch_size", "total_sequence_length"])]
+    outputs = [vi(sc.LOGITS, f, ["batch_size", "logits_length", cfg.vocab_size])]
     for layer in range(cfg.num_layers):
         for name in sc.past_names(layer):
-            inputs.append(vi(name, f, [1, cfg.num_kv_heads, "cache_length", cfg.head_dim]))
+            inputs.append(vi(name, f, ["batch_size", cfg.num_kv_heads, "past_sequence_length", cfg.head_dim]))
         for name in sc.present_names(layer):
-            outputs.append(vi(name, f, [1, cfg.num_kv_heads, "cache_length", cfg.head_dim]))
-    inputs += [vi(sc.SEQLENS_K, i32, [1]), vi(sc.TOTAL_LENGTH, i32, [])]
+            outputs.append(vi(name, f, ["batch_size", cfg.num_kv_heads, "present_sequence_length", cfg.head_dim]))
+    # An input with an initializer of the same name is optional: runtimes that do not feed it (genai) get 0.
+    inputs.append(vi(sc.LOGITS_TO_KEEP, i64, [1]))
     return inputs, outputs
 
 
@@ -406,13 +438,15 @@ def _check_expressible(model) -> None:
         raise KananaQuantError(f"{model.path}: attention bias in an MoE model is not supported by the ONNX export")
 
 
-def _sidecar(model, opts: _Options, report_kinds: dict, moe_op: str | None, lm_head: str, files: list[str]) -> dict:
+def _genai_config(model) -> dict:
+    """onnxruntime-genai's config: only keys its schema accepts (it refuses any other)."""
     cfg, tok = model.config, model.tokenizer
-    fmt = model.weights.format
     eos = sorted(set(tok.eos_ids) | set(cfg.eos_token_ids))
     return {
         "model": {
-            "type": "llama" if not cfg.moe else cfg.family,
+            # genai picks its input handling by type; the graph carries the architecture itself, so dense and
+            # MoE (Mixtral or Qwen-MoE naming alike) are all "llama" to it.
+            "type": "llama",
             "bos_token_id": tok.bos_id if tok.bos_id is not None else cfg.bos_token_id,
             "eos_token_id": eos,
             "pad_token_id": eos[0] if eos else 0,
@@ -426,23 +460,27 @@ def _sidecar(model, opts: _Options, report_kinds: dict, moe_op: str | None, lm_h
                 "head_size": cfg.head_dim,
                 "num_hidden_layers": cfg.num_layers,
                 "session_options": {"log_id": "kanana-quant", "provider_options": []},
-                "inputs": {"input_ids": sc.INPUT_IDS, "logits_index": sc.LOGITS_INDEX,
+                "inputs": {"input_ids": sc.INPUT_IDS, "attention_mask": sc.ATTENTION_MASK,
                            "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value", "seqlens_k": sc.SEQLENS_K,
-                           "total_sequence_length": sc.TOTAL_LENGTH},
+                           "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": sc.LOGITS, "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
             },
         },
         "search": {"past_present_share_buffer": True, "max_length": cfg.max_position_embeddings,
                    "do_sample": False},
-        "tokenizer": {"files": files, "chat_template": tok.chat_template},
-        "kanana_quant": {
-            "format": sc.FORMAT, "version": sc.FORMAT_VERSION, "kanana_quant_version": __version__,
-            "source": str(model.path), "accuracy_level": opts.accuracy_level, "lm_head": lm_head,
-            "quantization": fmt.to_hf() if fmt is not None else None, "ops": report_kinds, "moe_op": moe_op,
-            "notes": opts.notes,
-        },
+    }
+
+
+def _metadata(model, opts: _Options, report_kinds: dict, moe_op: str | None, lm_head: str, files: list[str]) -> dict:
+    fmt = model.weights.format
+    return {
+        "format": sc.FORMAT, "version": sc.FORMAT_VERSION, "kanana_quant_version": __version__,
+        "source": str(model.path), "accuracy_level": opts.accuracy_level, "lm_head": lm_head,
+        "quantization": fmt.to_hf() if fmt is not None else None, "ops": report_kinds, "moe_op": moe_op,
+        "notes": opts.notes, "tokenizer_files": files,
+        "inputs": [sc.INPUT_IDS, sc.ATTENTION_MASK, "past_key_values.%d.key", "past_key_values.%d.value",
+                   sc.LOGITS_TO_KEEP],
     }
 
 
@@ -492,13 +530,25 @@ def export_onnx(model, out_dir: str | Path, accuracy_level: int = 4, lm_head: st
         onnx.save_model(proto, str(tmp / sc.MODEL_FILE))
         files = _write_side_files(model, tmp)
         moe_op = next((k for k in ("QMoE", "MoE") if k in graph.kinds), None)
-        sidecar = _sidecar(model, opts, dict(graph.kinds), moe_op, exporter.lm_head_kind(), files)
-        (tmp / sc.SIDECAR).write_text(json.dumps(sidecar, indent=2, ensure_ascii=False), encoding="utf-8")
+        metadata = _metadata(model, opts, dict(graph.kinds), moe_op, exporter.lm_head_kind(), files)
+        (tmp / sc.SIDECAR).write_text(json.dumps(_genai_config(model), indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / sc.METADATA).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
         kinds = dict(graph.kinds)
     for note in opts.notes:
         log.warning("%s", note)
     nbytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    return ExportReport(out, nbytes, kinds, moe_op, sidecar["kanana_quant"]["lm_head"])
+    return ExportReport(out, nbytes, kinds, moe_op, metadata["lm_head"])
+
+
+def _tokenizer_config(text: str, tok) -> str:
+    """tokenizer_config.json with `add_bos_token` saying what the tokenizer itself does (Kanana's, like
+    Llama-3's, prepends <|begin_of_text|> through tokenizer.json's post-processor). onnxruntime-extensions
+    (onnxruntime-genai's tokenizer) reads the flag; transformers' answer is unchanged by it."""
+    config = json.loads(text)
+    if isinstance(config, dict) and tok.bos_id is not None:
+        config["add_bos_token"] = tok.encode("a", add_special_tokens=True)[:1] == [tok.bos_id]
+        text = json.dumps(config, indent=2, ensure_ascii=False)
+    return text
 
 
 def _write_side_files(model, tmp: Path) -> list[str]:
@@ -507,6 +557,8 @@ def _write_side_files(model, tmp: Path) -> list[str]:
     raw.pop("quantization_config", None)
     (tmp / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False), encoding="utf-8")
     files = side_files(Path(model.path), model.tokenizer)
+    if "tokenizer_config.json" in files:
+        files["tokenizer_config.json"] = _tokenizer_config(files["tokenizer_config.json"], model.tokenizer)
     for fname, text in files.items():
         (tmp / fname).write_text(text, encoding="utf-8")
     return sorted(files)

@@ -1,5 +1,13 @@
-"""The ONNX export directory: its file names and the `genai_config.json` sidecar (what a runtime needs
-besides the graph: shapes, KV-cache names, context length, eos ids, tokenizer files, chat template).
+"""The ONNX export directory: its file names, the graph's inputs and outputs, `genai_config.json` (what
+onnxruntime-genai reads: shapes, KV-cache names, context length, eos ids; only keys its schema accepts) and
+`kanana_quant.json` (our own metadata: format version, source, quantization, ops, lm_head).
+
+The graph contract is onnxruntime-genai's (its model builder's decoders): `input_ids` int64 [batch, seq],
+`attention_mask` int64 [batch, total] (right-padded batches: a row's tokens first, then zeros), past / present
+KV per layer [batch, kv_heads, cache, head_dim] sharing one buffer, `logits` [batch, seq, vocab]; seqlens and
+the total length are computed inside the graph from the mask. One optional input is ours: `logits_to_keep`
+(int64 [1], default 0 = every position; k > 0 = the last k positions), which genai leaves at its default and
+our engine sets to 1 for prefill, so a 128K-vocabulary head does not run over a whole prompt.
 
 Kept free of onnx / onnxruntime imports so `open_model` and `info` can recognise an export cheaply.
 """
@@ -16,15 +24,17 @@ from kanana_quant.errors import KananaQuantError, read_json_object
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-SIDECAR = "genai_config.json"
+SIDECAR = "genai_config.json"  # onnxruntime-genai's config: nothing else may go in it
+METADATA = "kanana_quant.json"  # ours
 FORMAT = "kanana-quant-onnx"
-FORMAT_VERSION = 1
+# 1: seqlens_k / total_sequence_length / logits_index inputs, metadata inside genai_config.json (genai refused it)
+# 2: onnxruntime-genai's contract (attention_mask in, seqlens inside, symbolic batch), metadata in METADATA
+FORMAT_VERSION = 2
 
 # Graph input / output names (onnxruntime-genai's conventions).
 INPUT_IDS = "input_ids"
-LOGITS_INDEX = "logits_index"  # int64 [N]: positions of the chunk whose logits are computed
-SEQLENS_K = "seqlens_k"
-TOTAL_LENGTH = "total_sequence_length"
+ATTENTION_MASK = "attention_mask"
+LOGITS_TO_KEEP = "logits_to_keep"  # optional, ours: int64 [1]; 0 = all positions, k = the last k
 LOGITS = "logits"
 
 
@@ -37,21 +47,41 @@ def present_names(layer: int) -> tuple[str, str]:
 
 
 def is_onnx_export(path: str | Path) -> bool:
-    """True for a directory written by `kanana-quant export onnx` (sidecar + graph present)."""
+    """True for a directory written by `kanana-quant export onnx`, this version's or an older one (graph plus
+    our metadata file, or an older export's sidecar), so that opening an old one says to re-export."""
     path = Path(path)
-    return path.is_dir() and (path / SIDECAR).is_file() and (path / MODEL_FILE).is_file()
+    return path.is_dir() and (path / MODEL_FILE).is_file() and ((path / METADATA).is_file() or
+                                                                (path / SIDECAR).is_file())
+
+
+REEXPORT = "re-export it with `kanana-quant export onnx SRC -o DIR`"
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Our metadata of an export (kanana_quant.json), checked: one line for anything else, naming what to do."""
+    path = Path(path)
+    if not (path / METADATA).is_file():
+        sidecar = read_json_object(path / SIDECAR, 1 << 20) if (path / SIDECAR).is_file() else {}
+        if isinstance(sidecar.get("kanana_quant"), dict):
+            raise KananaQuantError(f"{path}: an ONNX export of an older kanana-quant (format 1, which onnxruntime-genai "
+                                   f"cannot run and this version's engine does not read); {REEXPORT}")
+        raise KananaQuantError(f"{path}: not a kanana-quant ONNX export (no {METADATA}); {REEXPORT}")
+    ours = read_json_object(path / METADATA, 1 << 20)
+    if ours.get("format") != FORMAT:
+        raise KananaQuantError(f"{path / METADATA}: not a kanana-quant ONNX export's metadata; {REEXPORT}")
+    if ours.get("version") != FORMAT_VERSION:
+        raise KananaQuantError(f"{path / METADATA}: export format version {ours.get('version')!r}, this kanana-quant "
+                               f"reads {FORMAT_VERSION}; {REEXPORT}")
+    return ours
 
 
 def read_sidecar(path: str | Path) -> dict:
+    """genai_config.json of an export whose metadata checks out."""
     path = Path(path)
+    read_metadata(path)
     sidecar = read_json_object(path / SIDECAR, 1 << 20)
-    ours = sidecar.get("kanana_quant")
-    if not isinstance(ours, dict) or ours.get("format") != FORMAT:
-        raise KananaQuantError(f"{path / SIDECAR}: not a kanana-quant ONNX export sidecar; re-export with "
-                               "`kanana-quant export onnx`")
-    if ours.get("version") != FORMAT_VERSION:
-        raise KananaQuantError(f"{path / SIDECAR}: export format version {ours.get('version')!r}, this kanana-quant "
-                               f"reads {FORMAT_VERSION}; re-export with `kanana-quant export onnx`")
+    if not isinstance(sidecar.get("model"), dict):
+        raise KananaQuantError(f"{path / SIDECAR}: no \"model\" section; {REEXPORT}")
     return sidecar
 
 
@@ -64,7 +94,7 @@ class OnnxExport:
 
     def __init__(self, path: str | Path):
         self.dir = Path(path)
-        self.sidecar = read_sidecar(self.dir)
+        self.metadata = read_metadata(self.dir)
         self.config: ModelConfig = load_config(self.dir)
 
     @property

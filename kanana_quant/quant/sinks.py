@@ -53,7 +53,7 @@ class CheckpointSink:
 
     def __init__(self, model: LoadedModel, out: Path, opts: QuantOptions):
         self.model, self.cfg, self.out, self.opts, self.fmt = model, model.config, Path(out), opts, opts.fmt
-        self.hf = names.hf_name_map(self.cfg)
+        self.hf = names.hf_name_map(self.cfg, names.WRITTEN_LAYOUT)  # MoE: the layout GPTQModel loads
         self.rounder = CodeRounder(opts)
         self.kind = {"output": "checkpoint"}
         self._check()

@@ -3,8 +3,9 @@ Engine protocol as the numpy runtime (forward / pos / reset), so generate, chat 
 
 The KV cache is one preallocated buffer per layer that GroupQueryAttention reads and writes in place (past and
 present are bound to the same OrtValue through IO binding); `pos` only says how much of it is valid, so
-lowering it rewinds the cache for free. Prefill runs the whole chunk at once and asks for the logits of its
-last position only (the graph's `logits_index` input), unless every position's logits are wanted.
+lowering it rewinds the cache for free. The graph is onnxruntime-genai's (onnx_sidecar.py): the engine feeds an
+all-ones `attention_mask` as wide as the valid cache plus the new tokens, and prefill asks for the logits of
+the last position only (`logits_to_keep` = 1), unless every position's logits are wanted.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class OnnxEngine:
                                    "make one with `kanana-quant export onnx`")
         self.path = path
         self.sidecar = sc.read_sidecar(path)
+        self.metadata = sc.read_metadata(path)
         self.config = cfg = load_config(path)
         context = int(self.sidecar["model"].get("context_length") or cfg.max_position_embeddings)
         self.max_seq_len = min(max_seq_len or context, context)
@@ -69,6 +71,7 @@ class OnnxEngine:
         self._values: list[np.ndarray] = []
         self._ort_cache: list[tuple[ort.OrtValue, ort.OrtValue]] = []
         self._capacity = 0
+        self._mask = np.ones((1, 0), np.int64)
         self.pos = 0
 
     def reset(self) -> None:
@@ -91,6 +94,7 @@ class OnnxEngine:
             # ortvalue_from_numpy wraps the array's memory; the arrays are kept alive in self._keys/_values.
             bound.append((ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)))
         self._keys, self._values, self._ort_cache, self._capacity = keys, values, bound, capacity
+        self._mask = np.ones((1, capacity), np.int64)  # attention_mask[:, :total] of every run
 
     def forward(self, ids, all_logits: bool = False) -> np.ndarray:
         """Run new tokens at positions pos.. and append them to the KV cache; logits of the last token, or of
@@ -102,10 +106,10 @@ class OnnxEngine:
         self._ensure_cache(start + t)
         io = self.session.io_binding()
         io.bind_cpu_input(sc.INPUT_IDS, ids)
-        index = np.arange(t, dtype=np.int64) if all_logits else np.array([t - 1], np.int64)
-        io.bind_cpu_input(sc.LOGITS_INDEX, index)
-        io.bind_cpu_input(sc.SEQLENS_K, np.array([start + t - 1], np.int32))
-        io.bind_cpu_input(sc.TOTAL_LENGTH, np.array(start + t, np.int32))
+        io.bind_cpu_input(sc.ATTENTION_MASK, self._mask[:, :start + t])
+        kept = t if all_logits else 1
+        # an optional input (an initializer with a default): bind_cpu_input looks only at required inputs
+        io.bind_ortvalue_input(sc.LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array([kept], np.int64)))
         for layer, (k, v) in enumerate(self._ort_cache):
             past_k, past_v = sc.past_names(layer)
             present_k, present_v = sc.present_names(layer)
@@ -113,7 +117,7 @@ class OnnxEngine:
             io.bind_ortvalue_input(past_v, v)
             io.bind_ortvalue_output(present_k, k)
             io.bind_ortvalue_output(present_v, v)
-        logits = np.empty((1, len(index), self.config.vocab_size), np.float32)
+        logits = np.empty((1, kept, self.config.vocab_size), np.float32)
         io.bind_ortvalue_output(sc.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(io)
         logits = logits[0]
