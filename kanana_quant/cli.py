@@ -197,8 +197,9 @@ def quantize(
                                              "float). A tied embedding stays float."),
     out_format: str = typer.Option("hf", "--format", help="hf (GPTQ/AWQ-layout checkpoint) or gguf (GPTQ on the "
                                                           "GGUF types of --type, written as OUT.gguf)."),
-    gguf_type: str = typer.Option("Q4_K_M", "--type", help="With --format gguf: Q4_0, Q5_0, Q8_0, Q4_K_M, "
-                                                           "Q5_K_M or Q6_K."),
+    gguf_type: str = typer.Option("Q4_K_M", "--type", help="With --format gguf: Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, "
+                                                           "Q4_K_M, Q4_1, Q4_0, IQ4_XS, IQ4_NL, Q3_K_L, Q3_K_M, "
+                                                           "Q3_K_S or Q2_K."),
 ):
     """Quantize MODEL one decoder layer at a time into a GPTQ/AWQ-layout checkpoint (or a GGUF file)."""
     if out_format not in ("hf", "gguf"):

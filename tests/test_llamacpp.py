@@ -14,7 +14,8 @@ from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
 from kanana_quant.runtimes.numpy_engine import NumpyEngine
 from kanana_quant.runtimes.sampling import SamplingParams
 
-TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
+TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K", "Q2_K", "Q3_K_M",
+         "IQ4_NL", "IQ4_XS"]
 # llama.cpp rounds activations before every quantized product (ggml_activations.py emulates it); what the
 # emulation leaves out (rounding ties, Q8_1's fp16 block sums for Q4_1/Q5_1, the F16/BF16 kernels) depends on
 # the random model, so every type is bounded by the size of the activation rounding itself. Byte equality

@@ -280,13 +280,16 @@ def _log_summary(out: Path, reports: list[TensorReport]) -> None:
 
 def export_gguf(model: LoadedModel, out_path: str | Path, file_type: str,
                 importance: dict[str, np.ndarray] | None = None,
-                on_tensor: Callable[[TensorReport], None] | None = None, packed: PackedBytes | None = None) -> Path:
+                on_tensor: Callable[[TensorReport], None] | None = None, packed: PackedBytes | None = None,
+                has_imatrix: bool | None = None) -> Path:
     """Write `model` as a llama GGUF of `file_type` (see gguf.mix.FILE_TYPES); returns the path.
 
     importance: per canonical tensor name, [cols] mean squared activations, used by the K-quant searches
     (and, as in llama-quantize with an imatrix, it moves Q4_0/Q5_0's first ffn_down layers to Q4_1/Q5_1).
     on_tensor: called with a TensorReport after each tensor is written.
     packed: bytes a caller has already packed for some tensors (taken as they are, counted as exact).
+    has_imatrix: pick the types llama-quantize picks with an importance matrix (default: whether `importance`
+    is given); a calibrated caller that packs its own bytes sets it.
     """
     key, _, ftype = file_type_info(file_type)
     out = Path(out_path)
@@ -299,7 +302,7 @@ def export_gguf(model: LoadedModel, out_path: str | Path, file_type: str,
     source = Path(model.path)
     _add_hyperparameters(writer, cfg, source.name if source.is_dir() else source.stem, ftype)
     add_tokenizer(writer, model.tokenizer, cfg)
-    plans = _plans(cfg, key, has_imatrix=bool(importance))
+    plans = _plans(cfg, key, has_imatrix=bool(importance) if has_imatrix is None else has_imatrix)
     for plan in plans:
         writer.add_tensor_info(plan.gguf_name, plan.shape, np.dtype(np.float32), plan.nbytes,
                                raw_dtype=plan.ggml_type)

@@ -43,7 +43,7 @@ class GGMLRounder:
     def round(self, layer, index, solvers, groups, stored, report, batched) -> None:
         for solver, roles in zip(solvers, groups):
             full = [f"layers.{index}.{r}" for r in roles]
-            qtypes = {tensor_type(self.cfg, n, self.file_type) for n in full}
+            qtypes = {tensor_type(self.cfg, n, self.file_type, has_imatrix=True) for n in full}
             if len(qtypes) != 1:
                 raise KananaQuantError(f"{', '.join(full)}: stacked for GPTQ but given different GGUF types")
             qtype = qtypes.pop()
@@ -54,8 +54,7 @@ class GGMLRounder:
 
             def grid(w: torch.Tensor, importance: torch.Tensor):
                 fitted["fit"] = fit(w.cpu(), importance.cpu())  # the block fitters are numpy
-                g = fitted["fit"].grid
-                return type(g)(g.scale.to(w.device), g.zero.to(w.device), g.maxq)
+                return fitted["fit"].grid.to(w.device)
 
             result = solver.fasterquant(_ANY_SPEC, percdamp=self.opts.damp, act_order=self.opts.act_order,
                                         grid=grid)
@@ -106,7 +105,8 @@ class GGUFSink:
     def finish(self, work: WorkDir, lm_head: QTensor | None) -> Path:
         files = [SafetensorsFile(work.layer_file(i)) for i in range(self.model.config.num_layers)]
         try:
-            export_gguf(self.model, self.out, self.file_type, packed=_PackedLayers(files))
+            # calibrated: the types llama-quantize picks with an importance matrix, so the files compare at equal size
+            export_gguf(self.model, self.out, self.file_type, packed=_PackedLayers(files), has_imatrix=True)
         finally:
             for f in files:
                 f.close()

@@ -32,10 +32,30 @@ class GPTQResult:
 @dataclass
 class ColumnGrid:
     """A grid fixed before GPTQ runs: column c of row r may take scale[r, c] · (q − zero[r, c]),
-    q ∈ [0, maxq]; zero may be fractional (K-quants' sub-block minimum)."""
+    q ∈ [0, maxq]; zero may be fractional (K-quants' sub-block minimum). With `levels` (a non-linear grid such
+    as IQ4's) the values are scale[r, c] · levels[q] instead, and zero is unused."""
     scale: torch.Tensor  # float32 [out, in], non-zero
     zero: torch.Tensor   # float32 [out, in]
     maxq: int
+    levels: torch.Tensor | None = None  # float32 [maxq + 1], ascending
+
+    def to(self, device) -> "ColumnGrid":
+        return ColumnGrid(self.scale.to(device), self.zero.to(device), self.maxq,
+                          None if self.levels is None else self.levels.to(device))
+
+    def round(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest codes of w on columns with scale s and zero z, and their values."""
+        if self.levels is None:
+            q = torch.clamp(torch.round(w / s + z), 0, self.maxq)  # zero may be fractional: round after adding
+            return q, s * (q - z)
+        mids = (self.levels[1:] + self.levels[:-1]) / 2
+        q = torch.bucketize(w / s, mids)
+        return q.to(w.dtype), s * self.levels[q]
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.levels is None:
+            return self.scale * (codes - self.zero)
+        return self.scale * self.levels[codes.long()]
 
 
 def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -195,13 +215,11 @@ def _on_grid(perm: torch.Tensor, W: torch.Tensor, U: torch.Tensor, grid: ColumnG
     S, Z = grid.scale[:, perm], grid.zero[:, perm]
 
     def column(c: int, w: torch.Tensor, _pending):
-        s, z = S[:, c], Z[:, c]
-        q = torch.clamp(torch.round(w / s + z), 0, grid.maxq)  # zero may be fractional: round after adding
-        return q, s * (q - z)
+        return grid.round(w, S[:, c], Z[:, c])
 
     codes, loss = _sweep(W, U, blocksize, column)
     codes = codes[:, torch.argsort(perm)]
-    return GPTQResult(codes.to(torch.uint8), grid.scale, grid.zero, grid.scale * (codes - grid.zero), float(loss))
+    return GPTQResult(codes.to(torch.uint8), grid.scale, grid.zero, grid.values(codes), float(loss))
 
 
 def _ordered(W: torch.Tensor, H: torch.Tensor, act_order: bool, percdamp: float):
