@@ -244,6 +244,8 @@ def quantize(
         line = f"layer {report.layer}: {report.seconds:.1f} s"
         if report.loss:
             line += f", GPTQ loss {report.loss:.4g}"
+        if report.rounding is not None:
+            line += f", kept GPTQ on {report.rounding['gptq']} tensors, RTN on {report.rounding['rtn']}"
         if report.expert_tokens is not None:
             counts = report.expert_tokens
             line += f", routed tokens per expert min {min(counts)} / max {max(counts)}"

@@ -281,7 +281,7 @@ def _log_summary(out: Path, reports: list[TensorReport]) -> None:
 def export_gguf(model: LoadedModel, out_path: str | Path, file_type: str,
                 importance: dict[str, np.ndarray] | None = None,
                 on_tensor: Callable[[TensorReport], None] | None = None, packed: PackedBytes | None = None,
-                has_imatrix: bool | None = None) -> Path:
+                has_imatrix: bool | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write `model` as a llama GGUF of `file_type` (see gguf.mix.FILE_TYPES); returns the path.
 
     importance: per canonical tensor name, [cols] mean squared activations, used by the K-quant searches
@@ -290,6 +290,7 @@ def export_gguf(model: LoadedModel, out_path: str | Path, file_type: str,
     packed: bytes a caller has already packed for some tensors (taken as they are, counted as exact).
     has_imatrix: pick the types llama-quantize picks with an importance matrix (default: whether `importance`
     is given); a calibrated caller that packs its own bytes sets it.
+    metadata: extra string keys written into the header (e.g. the quantize report).
     """
     key, _, ftype = file_type_info(file_type)
     out = Path(out_path)
@@ -302,6 +303,8 @@ def export_gguf(model: LoadedModel, out_path: str | Path, file_type: str,
     source = Path(model.path)
     _add_hyperparameters(writer, cfg, source.name if source.is_dir() else source.stem, ftype)
     add_tokenizer(writer, model.tokenizer, cfg)
+    for k, v in (metadata or {}).items():
+        writer.add_string(k, v)
     plans = _plans(cfg, key, has_imatrix=bool(importance) if has_imatrix is None else has_imatrix)
     for plan in plans:
         writer.add_tensor_info(plan.gguf_name, plan.shape, np.dtype(np.float32), plan.nbytes,

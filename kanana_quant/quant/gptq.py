@@ -79,17 +79,41 @@ def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return torch.diag(torch.rsqrt(torch.diag(H) + mean_diag))
 
 
+class HessianMean:
+    """H = 2/N Σ w_t x_t x_tᵀ as a running mean over the token weight N seen so far."""
+
+    def __init__(self, columns: int, device):
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.nsamples = 0.0
+
+    def add(self, x: torch.Tensor, w: torch.Tensor) -> None:
+        mass = float(w.sum())
+        if mass <= 0:
+            return
+        # Rescale the old mean before adding, so H never holds an unnormalised float32 sum over many tokens.
+        self.H *= self.nsamples / (self.nsamples + mass)
+        self.nsamples += mass
+        x = x * torch.sqrt(2 * w / self.nsamples).unsqueeze(1)
+        self.H += x.T @ x
+
+
 class GPTQ:
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, split: bool = False):
+        """split: also keep the Hessians of the even and of the odd calibration sequences apart (`halves`), so
+        that GPTQ fitted on one half can be scored on held-out tokens (gguf_sink's never-worse-than-RTN guard)."""
         self.W = weight.detach().to(torch.float32).clone()
         self.rows, self.columns = self.W.shape
         self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.W.device)
         self.nsamples = 0.0  # total token weight so far: H is kept as a running mean over it
         self.tokens = 0
+        self.sequences = 0
+        self.halves = (HessianMean(self.columns, self.W.device), HessianMean(self.columns, self.W.device)) \
+            if split else None
 
     def add_batch(self, inp: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Accumulate H = 2/N Σ w_t x_t x_tᵀ over tokens x_t (rows of inp) with optional weights w_t ≥ 0
-        (router probabilities for MoE experts); N = Σ w_t, so a weight of 2 counts a token twice."""
+        (router probabilities for MoE experts); N = Σ w_t, so a weight of 2 counts a token twice.
+        inp [sequences, tokens, columns] also feeds the even/odd halves when the solver splits."""
         x = inp.detach().reshape(-1, self.columns).to(self.W.device, torch.float32)
         self.tokens += x.shape[0]
         if weight is None:
@@ -98,6 +122,13 @@ class GPTQ:
             w = weight.detach().reshape(-1).to(x.device, torch.float32)
             if w.shape[0] != x.shape[0] or bool((w < 0).any()):
                 raise ValueError(f"GPTQ.add_batch: need {x.shape[0]} non-negative token weights, got {tuple(w.shape)}")
+        if self.halves is not None and inp.dim() == 3:
+            per_seq = inp.shape[1]
+            seq = self.sequences + torch.arange(x.shape[0], device=x.device) // per_seq
+            for parity, half in enumerate(self.halves):
+                rows = seq % 2 == parity
+                half.add(x[rows], w[rows])
+            self.sequences += inp.shape[0]
         mass = float(w.sum())
         if mass <= 0:
             return

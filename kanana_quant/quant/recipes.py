@@ -8,6 +8,7 @@ our integer grid for GPTQ/AWQ checkpoints (CodeRounder), or each tensor's GGML t
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Protocol
 
 import numpy as np
@@ -106,7 +107,9 @@ class Recipe:
                report: LayerReport, src: np.memmap) -> None:
         """One GPTQ stage: the roles share their input, so one Hessian is accumulated and copied."""
         self.on_stage("+".join(r.split(".")[-1] for r in roles) if len(roles) < 4 else f"{len(roles)} linears")
-        first = GPTQ(layer.w[roles[0]])
+        cols = layer.w[roles[0]].shape[1]
+        held_out = getattr(self.rounder, "held_out", None)
+        first = GPTQ(layer.w[roles[0]], split=bool(held_out and held_out(self.opts.samples, self.opts.seq_len, cols)))
         for x in self.batches(src):
             first.add_batch(feed(x))
         solvers = [first] + [_sharing(layer.w[r], first) for r in roles[1:]]
@@ -223,4 +226,8 @@ class Recipe:
 def _sharing(weight: torch.Tensor, template: GPTQ) -> GPTQ:
     g = GPTQ(weight)
     g.H, g.nsamples, g.tokens = template.H.clone(), template.nsamples, template.tokens
+    if template.halves is not None:
+        g.halves = tuple(copy.copy(h) for h in template.halves)
+        for h, t in zip(g.halves, template.halves):
+            h.H = t.H.clone()
     return g
