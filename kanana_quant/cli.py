@@ -180,7 +180,8 @@ def evaluate(
 def quantize(
     model: str = ModelArg,
     out: Path = typer.Option(..., "-o", "--out", help="Output directory for the quantized checkpoint."),
-    method: str = typer.Option("gptq", help="gptq, awq or rtn."),
+    method: str = typer.Option("gptq", help="gptq, awq (the published algorithm), awq-gptq (AWQ scales, then "
+                                            "GPTQ rounding) or rtn."),
     bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int = typer.Option(128, help="Columns per scale: 32, 64, 128 or -1 (per-channel)."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid (zero fixed) or asymmetric."),

@@ -90,6 +90,8 @@ class Recipe:
             return {r: self.rtn(layer.w[r]) for r in layer.w if self._quantized(r)}
         if method == "gptq":
             return self.gptq(layer, index, src, report)
+        if method == "awq-gptq":
+            return self.awq_gptq(layer, index, src, report)
         return self.awq(layer, src, report)
 
     def _quantized(self, role: str) -> bool:
@@ -158,6 +160,29 @@ class Recipe:
         previous op (norm → q/k/v, v → o without GQA, norm → gate/up, up → down), then every linear clipped
         on its scaled input and rounded. MoE experts get their own up → down scales on their routed
         tokens; their gate/up share the norm with the router, so they get clipping only."""
+        w, spec = layer.w, self.opts.spec
+        inputs = self._awq_scale(layer, src, report)
+        self.on_stage("clip")
+        stored = {}
+        for role in [r for r in w if self._quantized(r)]:
+            kind = role.rsplit(".", 1)[-1]
+            source = {"k": "q", "v": "q", "up": "gate"}.get(kind, kind)
+            x = inputs[role.removesuffix(kind) + source] if role.startswith("experts.") else inputs[source]
+            # AWQ leaves q and k unclipped: their errors pass through softmax, not the output directly.
+            clipped = w[role] if kind in ("q", "k") else awq.search_clip(x, w[role], spec)
+            stored[role] = self.rtn(clipped, search=False)
+            set_weight(layer, role, stored[role])
+        return stored
+
+    def awq_gptq(self, layer: TorchLayer, index: int, src: np.memmap, report: LayerReport) -> dict:
+        """AWQ's activation-aware scales folded into the previous ops (as `awq`), then GPTQ rounds the scaled
+        linears on calibration inputs that pass through the scaled layer (llm-compressor stacks the two the
+        same way). The float layer is unchanged by the folding, so GPTQ's Hessians see the same model."""
+        self._awq_scale(layer, src, report)  # the scaled inputs are rebuilt stage by stage by GPTQ
+        return self.gptq(layer, index, src, report)
+
+    def _awq_scale(self, layer: TorchLayer, src: np.memmap, report: LayerReport) -> dict:
+        """Search and fold AWQ's scales into `layer`; returns each linear's scaled calibration input."""
         w, spec, hidden_size = layer.w, self.opts.spec, self.cfg.hidden_size
         pick = awq.search_sequences(src.shape[0], self.opts.awq_tokens, self.opts.seq_len)
         seqs = torch.from_numpy(np.array(src[pick])).to(self.device)  # whole sequences: attention needs them
@@ -190,17 +215,7 @@ class Recipe:
             s = awq.search_scales(hidden, [w[p + "down"]], spec)
             awq.fold_scales(w[p + "up"], [w[p + "down"]], s)
             inputs |= {p + "gate": x, p + "down": layer.swiglu_hidden(x, p)}
-        self.on_stage("clip")
-        stored = {}
-        for role in [r for r in w if self._quantized(r)]:
-            kind = role.rsplit(".", 1)[-1]
-            source = {"k": "q", "v": "q", "up": "gate"}.get(kind, kind)
-            x = inputs[role.removesuffix(kind) + source] if role.startswith("experts.") else inputs[source]
-            # AWQ leaves q and k unclipped: their errors pass through softmax, not the output directly.
-            clipped = w[role] if kind in ("q", "k") else awq.search_clip(x, w[role], spec)
-            stored[role] = self.rtn(clipped, search=False)
-            set_weight(layer, role, stored[role])
-        return stored
+        return inputs
 
     # -- lm_head ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
