@@ -270,8 +270,9 @@ app.add_typer(export_app, name="export")
 def export_gguf(
     src: str = typer.Argument(..., help="Float model, our quantized checkpoint, or a GGUF file."),
     out: Path = typer.Option(..., "-o", "--out", help="Output .gguf file."),
-    file_type: str = typer.Option("Q4_K_M", "--type", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K_M, "
-                                                           "Q5_K_M or Q6_K."),
+    file_type: str = typer.Option("Q4_K_M", "--type", help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, "
+                                                           "Q4_K_M, Q4_1, Q4_0, IQ4_XS, IQ4_NL, Q3_K_L, Q3_K_M, "
+                                                           "Q3_K_S or Q2_K."),
 ):
     """Write a llama.cpp GGUF; GPTQ/RTN/AWQ codes are carried over exactly where the GGUF type can hold them."""
     from kanana_quant.gguf.mix import file_type_info
