@@ -201,6 +201,9 @@ def quantize(
     gguf_type: str = typer.Option("Q4_K_M", "--type", help="With --format gguf: Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, "
                                                            "Q4_K_M, Q4_1, Q4_0, IQ4_XS, IQ4_NL, Q3_K_L, Q3_K_M, "
                                                            "Q3_K_S or Q2_K."),
+    target_bpw: float = typer.Option(None, "--target-bpw", help="With --format gguf: pick each layer linear's "
+                                     "type (Q2_K … Q8_0) so they average this many bits per weight, bits going "
+                                     "where the Hessian-weighted error per byte is highest."),
 ):
     """Quantize MODEL one decoder layer at a time into a GPTQ/AWQ-layout checkpoint (or a GGUF file)."""
     if out_format not in ("hf", "gguf"):
@@ -221,10 +224,12 @@ def quantize(
 
     fmt = QuantFormat(method, bits, group_size, sym, lm_head=bool(lm_head_bits), lm_head_bits=lm_head_bits or None)
     opts = QuantOptions(fmt, calib, samples, seq_len, seed, damp=damp, act_order=act_order, device=device)
+    if target_bpw is not None and out_format != "gguf":
+        raise KananaQuantError("--target-bpw applies to --format gguf")
     if out_format == "gguf":
         GGUFSink.check(opts, gguf_type, out)  # before loading anything
     loaded = open_model(model)
-    sink = GGUFSink(loaded, out, opts, gguf_type) if out_format == "gguf" else None
+    sink = GGUFSink(loaded, out, opts, gguf_type, target_bpw=target_bpw) if out_format == "gguf" else None
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 

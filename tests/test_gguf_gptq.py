@@ -171,3 +171,44 @@ def test_never_worse_than_rtn_where_gptq_alone_loses(model_dirs, tmp_path):
     report = json.loads(bytes(field.parts[field.data[0]]).decode())
     assert report["rounding"]["rtn"] > 0 and report["rounding"]["held_out"] == 7 * model.config.num_layers
     assert sum(report["rounding"][k] for k in ("gptq", "rtn")) == 7 * model.config.num_layers
+
+
+def test_allocate_spends_bits_where_error_per_byte_is_highest():
+    from kanana_quant.quant.target_bpw import LADDER_256, allocate, bits_per_weight
+
+    # two tensors of equal size: "hot" loses 100x more per type step than "cold"
+    base = {t: 2.0 ** -i for i, t in enumerate(LADDER_256)}
+    errors = {"hot": {t: 100 * e for t, e in base.items()}, "cold": dict(base)}
+    sizes = {"hot": 1 << 16, "cold": 1 << 16}
+    for target in (3.1, 4.5, 6.0):
+        chosen = allocate(errors, sizes, target)
+        bpw = sum(bits_per_weight(t) * sizes[n] for n, t in chosen.items()) / sum(sizes.values())
+        assert bpw <= target
+        assert bits_per_weight(chosen["hot"]) > bits_per_weight(chosen["cold"])
+    assert allocate(errors, sizes, 9.0) == {"hot": LADDER_256[-1], "cold": LADDER_256[-1]}
+
+
+def test_target_bpw_hits_the_size_and_runs_in_llamacpp(model_dirs, tmp_path):
+    from gguf import GGUFReader
+
+    from kanana_quant.quant.target_bpw import bits_per_weight
+    from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
+
+    out = tmp_path / "m.gguf"
+    result = cli("quantize", model_dirs("dense-256"), "-o", out, "--format", "gguf", "--target-bpw", 3.6,
+                 "--samples", 8, "--seq-len", 64)
+    assert result.returncode == 0, result.stderr
+    assert "--target-bpw 3.6:" in result.stderr
+    linears = [t for t in GGUFReader(out).tensors if t.name.startswith("blk.") and ".attn_norm" not in t.name
+               and ".ffn_norm" not in t.name]
+    weights = sum(int(t.n_elements) for t in linears)
+    bpw = sum(bits_per_weight(t.tensor_type) * int(t.n_elements) for t in linears) / weights
+    assert 3.3 < bpw <= 3.6
+    assert len({t.tensor_type for t in linears}) >= 2  # mixed, not one type everywhere
+    model = open_model(str(out))
+    llama = LlamaCppEngine(out, model.config, max_seq_len=64, threads=1, f32_kv_cache=True)
+    ids = model.tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)[:8]
+    theirs = np.stack([llama.forward([t]) for t in ids])
+    ours = numpy_engine_like_llamacpp(model.weights)
+    ours = np.stack([ours.forward([t]) for t in ids])
+    assert np.max(np.abs(theirs[0] - ours[0])) <= 1e-4

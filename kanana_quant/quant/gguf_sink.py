@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from kanana_quant.gguf.writer import export_gguf
 from kanana_quant.loader import LoadedModel
 from kanana_quant.qcheckpoint import QTensor
 from kanana_quant.progress import log
+from kanana_quant import names
 from kanana_quant.quant import ggml_grid
+from kanana_quant.quant import target_bpw as target_bpw_mod
 from kanana_quant.quant.gptq import GPTQ
 from kanana_quant.quant.grid import QuantSpec
 from kanana_quant.quant.options import QuantOptions
@@ -56,8 +59,10 @@ class GGMLRounder:
     inputs it always wins, so then GPTQ is also run on the even calibration sequences alone and both are scored
     on the odd ones: GPTQ is kept only if it wins on tokens it never saw."""
 
-    def __init__(self, cfg, file_type: str, opts: QuantOptions, guard: bool = True):
+    def __init__(self, cfg, file_type: str, opts: QuantOptions, guard: bool = True,
+                 types: Callable[[], dict] | None = None):
         self.cfg, self.file_type, self.opts, self.guard = cfg, file_type, opts, guard
+        self.types = types or dict  # per-tensor types replacing the mix's (--target-bpw), computed on first use
         self._warned: set[int] = set()
 
     def held_out(self, samples: int, seq_len: int, cols: int) -> bool:
@@ -75,7 +80,8 @@ class GGMLRounder:
         report.rounding = counts
         for solver, roles in zip(solvers, groups):
             full = [f"layers.{index}.{r}" for r in roles]
-            qtypes = {tensor_type(self.cfg, n, self.file_type, has_imatrix=True) for n in full}
+            qtypes = {self.types().get(n) or tensor_type(self.cfg, n, self.file_type, has_imatrix=True)
+                      for n in full}
             if len(qtypes) != 1:
                 raise KananaQuantError(f"{', '.join(full)}: stacked for GPTQ but given different GGUF types")
             qtype = qtypes.pop()
@@ -119,12 +125,34 @@ class GGMLRounder:
 
 
 class GGUFSink:
-    def __init__(self, model: LoadedModel, out: Path, opts: QuantOptions, file_type: str, guard: bool = True):
-        """guard: keep, per tensor, the better of GPTQ and RTN on the same grid (off: GPTQ everywhere)."""
+    def __init__(self, model: LoadedModel, out: Path, opts: QuantOptions, file_type: str, guard: bool = True,
+                 target_bpw: float | None = None):
+        """guard: keep, per tensor, the better of GPTQ and RTN on the same grid (off: GPTQ everywhere).
+        target_bpw: pick each layer linear's type so they average this many bits per weight (target_bpw.py)."""
         key = self.check(opts, file_type, out)
+        if target_bpw is not None:
+            target_bpw_mod.check_target(target_bpw, model.config)
         self.model, self.out, self.file_type, self.fmt = model, Path(out), key, opts.fmt
-        self.rounder = GGMLRounder(model.config, key, opts, guard)
-        self.kind = {"output": "gguf", "gguf_type": key}
+        self.opts, self.target_bpw, self._types = opts, target_bpw, None
+        self.rounder = GGMLRounder(model.config, key, opts, guard, self.types)
+        self.kind = {"output": "gguf", "gguf_type": key, "target_bpw": target_bpw}
+
+    def types(self) -> dict:
+        """--target-bpw's per-tensor types (a float pre-pass over the calibration, run once), or {}."""
+        if self.target_bpw is None:
+            return {}
+        if self._types is None:
+            cfg = self.model.config
+            log(f"--target-bpw {self.target_bpw:g}: measuring each linear's error per type on the float model")
+            errors = target_bpw_mod.sensitivities(self.model, self.opts)
+            sizes = {n: int(np.prod(names.tensor_shape(cfg, n))) for n in errors}
+            self._types = target_bpw_mod.allocate(errors, sizes, self.target_bpw)
+            got = sum(target_bpw_mod.bits_per_weight(t) * sizes[n] for n, t in self._types.items()) / sum(
+                sizes.values())
+            counts = {t.name: list(self._types.values()).count(t) for t in dict.fromkeys(self._types.values())}
+            log(f"--target-bpw {self.target_bpw:g}: {got:.3f} bits per weight over the layer linears "
+                f"({', '.join(f'{k} {v}' for k, v in counts.items())})")
+        return self._types
 
     @staticmethod
     def check(opts: QuantOptions, file_type: str, out: Path) -> str:
@@ -163,7 +191,7 @@ class GGUFSink:
         try:
             # calibrated: the types llama-quantize picks with an importance matrix, so the files compare at equal size
             export_gguf(self.model, self.out, self.file_type, packed=_PackedLayers(files), has_imatrix=True,
-                        metadata=metadata)
+                        metadata=metadata, types=self.types())
         finally:
             for f in files:
                 f.close()
