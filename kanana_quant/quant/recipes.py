@@ -28,6 +28,9 @@ EXPERT_CHUNK = 8  # experts per batched GPTQ sweep: fewer Python steps per colum
 
 
 class Rounder(Protocol):
+    def held_out(self, samples: int, seq_len: int, cols: int) -> bool:
+        """Whether GPTQ solvers of `cols` columns should also keep even/odd-sequence Hessians (GPTQ.halves)."""
+
     def round(self, layer: TorchLayer, index: int, solvers: list[GPTQ], groups: list[list[str]], stored: dict,
               report: LayerReport, batched: bool) -> None:
         """Run GPTQ's sweep of every solver; solver k holds the rows of groups[k]'s roles stacked in order.
@@ -50,6 +53,9 @@ class CodeRounder:
 
     def __init__(self, opts: QuantOptions):
         self.opts = opts
+
+    def held_out(self, samples: int, seq_len: int, cols: int) -> bool:
+        return False
 
     def round(self, layer, index, solvers, groups, stored, report, batched) -> None:
         o = self.opts
@@ -110,8 +116,7 @@ class Recipe:
         """One GPTQ stage: the roles share their input, so one Hessian is accumulated and copied."""
         self.on_stage("+".join(r.split(".")[-1] for r in roles) if len(roles) < 4 else f"{len(roles)} linears")
         cols = layer.w[roles[0]].shape[1]
-        held_out = getattr(self.rounder, "held_out", None)
-        first = GPTQ(layer.w[roles[0]], split=bool(held_out and held_out(self.opts.samples, self.opts.seq_len, cols)))
+        first = GPTQ(layer.w[roles[0]], split=self.rounder.held_out(self.opts.samples, self.opts.seq_len, cols))
         for x in self.batches(src):
             first.add_batch(feed(x))
         solvers = [first] + [_sharing(layer.w[r], first) for r in roles[1:]]
