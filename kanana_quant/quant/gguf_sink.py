@@ -187,7 +187,9 @@ class GGUFSink:
         totals = {k: sum((r.get("rounding") or {}).get(k, 0) for r in reports) for k in ("gptq", "rtn", "held_out")}
         log(f"rounding kept per tensor: GPTQ {totals['gptq']}, searched RTN {totals['rtn']} "
             f"({totals['held_out']} decided on held-out calibration tokens)")
-        metadata = {"kanana_quant.quantize_report": json.dumps({"rounding": totals, "layers": reports})}
+        per_layer = [[(r.get("rounding") or {}).get(k, 0) for k in ("gptq", "rtn", "held_out")] for r in reports]
+        metadata = {"kanana_quant.quantize_report": json.dumps({"rounding": totals,
+                                                                "per_layer_gptq_rtn_held_out": per_layer})}
         try:
             # calibrated: the types llama-quantize picks with an importance matrix, so the files compare at equal size
             export_gguf(self.model, self.out, self.file_type, packed=_PackedLayers(files), has_imatrix=True,
