@@ -97,3 +97,38 @@ def earlier_rows(name: str, redone, same_setup=lambda old: True) -> list[dict]:
         return []
     old = json.loads(path.read_text(encoding="utf-8"))
     return [r for r in old.get("rows", []) if not redone(r)] if same_setup(old) else []
+
+
+LLAMACPP_TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as the Python binding is built (llama.cpp #20824)
+
+
+def llamacpp_tools() -> dict:
+    """llama-imatrix, llama-quantize and llama-perplexity built with cmake from the llama.cpp that the installed
+    llama-cpp-python vendors (its sdist, fetched with pip once), cached under CACHE; returns their paths and
+    the build's `--version` line."""
+    from importlib.metadata import version
+
+    ver = version("llama-cpp-python")
+    src = CACHE / f"llama-cpp-python-{ver}"
+    build = CACHE / f"llama.cpp-tools-{ver}" / "build"
+    bins = {t: build / "bin" / t for t in LLAMACPP_TOOLS}
+    if not all(p.is_file() for p in bins.values()):
+        if not (src / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+            with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                                "-d", tmp, f"llama-cpp-python=={ver}"], check=True)
+                sdist = next(Path(tmp).glob("*.tar.gz"))
+                src.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["tar", "xzf", str(sdist), "--strip-components=1", "-C", str(src)], check=True)
+        print(f"building {', '.join(LLAMACPP_TOOLS)} from llama-cpp-python {ver}'s llama.cpp (once, ~15 min)",
+              flush=True)
+        subprocess.run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), "-DGGML_NATIVE=ON",
+                        "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}",
+                        "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"], check=True, capture_output=True)
+        subprocess.run(["cmake", "--build", str(build), "--target", *LLAMACPP_TOOLS, "-j2"], check=True,
+                       capture_output=True)
+    done = subprocess.run([str(bins["llama-perplexity"]), "--version"], capture_output=True, text=True)
+    line = next((x for x in (done.stdout + done.stderr).splitlines() if x.startswith("version")), "?")
+    return {"paths": bins, "build": f"llama-cpp-python {ver}'s llama.cpp, {line.strip()}, -DGGML_NATIVE=ON {NO_AMX}"}

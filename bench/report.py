@@ -95,7 +95,7 @@ def quality_section(q: dict, g: dict | None) -> list[str]:
             for method in methods:
                 pts = sorted((r["bpw"], r[lang]) for r in rows if r["method"] == method)
                 ax.plot(*zip(*pts), "o", label=method)
-            if g:
+            if g and "scorer" not in g:  # llama-perplexity scores differently: its plot is in the GGUF section
                 for method in sorted({r["method"] for r in g["rows"] if r["method"] != "float"}):
                     pts = sorted((8 * r["bytes"] / SMOLLM2_WEIGHTS, r[lang]) for r in g["rows"] if r["method"] == method)
                     ax.plot(*zip(*pts), "s", mfc="none", label=f"GGUF {method} (bpw of the whole file)")
@@ -112,6 +112,53 @@ def quality_section(q: dict, g: dict | None) -> list[str]:
 
 
 def gguf_section(g: dict) -> list[str]:
+    if "scorer" not in g:  # results before issue 19: llama-cpp-python's logits, llama.cpp without an imatrix
+        return _gguf_section_v1(g)
+    lines = ["## GGUF in llama.cpp: ours vs llama.cpp with and without an importance matrix", "",
+             f"Data: {provenance(g)}. Every file scored by llama.cpp's `{g['scorer']}` (each chunk's second half "
+             f"scored) on held-out English and Korean; llama.cpp tools: {g['llama_cpp_tools']}. "
+             "`llama.cpp` = `llama-quantize` of our F16 GGUF; `llama.cpp+imatrix` = the same with `--imatrix` from "
+             "`llama-imatrix` on our calibration windows "
+             f"({g['calibration']['samples']} × {g['calibration']['seq_len']} tokens of the built-in set); "
+             "`kanana-quant gptq` = `kanana-quant quantize --format gguf --type T` on the same windows (GPTQ on "
+             "each tensor's grid, never worse than RTN per tensor). × imatrix = ΔPPL over llama.cpp+imatrix's at "
+             "the same type (goal ≤ 0.7). SmolLM2's 576-wide rows are not whole 256-blocks: llama-quantize, and "
+             "we with it, store them as Q4_0/Q5_0/Q5_1/IQ4_NL, so only ffn_down is a real Q2_K/Q3_K/Q4_K/IQ4_XS "
+             f"tensor. AutoRound: {g.get('autoround', 'not run')}.", "",
+             "| type | method | bytes | bpw | PPL en | ΔPPL en | × imatrix | PPL ko | ΔPPL ko | × imatrix |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in g["rows"]:
+        bpw = 8 * r["bytes"] / SMOLLM2_WEIGHTS
+        if r["method"] == "float":
+            lines.append(f"| F16 | float | {r['bytes']:,} | {bpw:.2f} | {r['en']:.3f} | – | – | {r['ko']:.4f} | – | – |")
+            continue
+        lines.append(f"| {r['type']} | {r['method']} | {r['bytes']:,} | {bpw:.2f} | {r['en']:.3f} | "
+                     f"{r['dppl_en']:+.3f} | {r['x_imatrix_en']:.2f} | {r['ko']:.4f} | {r['dppl_ko']:+.4f} | "
+                     f"{r['x_imatrix_ko']:.2f} |")
+    lines.append("")
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        rows = g["rows"]
+        base = next(r for r in rows if r["method"] == "float")
+        for ax, lang in zip(axes, ("en", "ko")):
+            for method in [m for m in dict.fromkeys(r["method"] for r in rows) if m != "float"]:
+                pts = sorted((8 * r["bytes"] / SMOLLM2_WEIGHTS, r[lang], r["type"]) for r in rows
+                             if r["method"] == method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+                for x, y, t in pts:
+                    ax.annotate(t, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.axhline(base[lang], color="0.5", ls="--", label="F16")
+            ax.set_xlabel("bits per weight (whole file, embeddings included)")
+            ax.set_ylabel(f"llama-perplexity ({'English' if lang == 'en' else 'Korean'})")
+        axes[0].legend(fontsize=7)
+        fig.suptitle("SmolLM2-135M-Instruct GGUF: perplexity vs bits per weight")
+        return fig, axes
+
+    return lines + [_figure("gguf_ppl_vs_bpw", [g], draw), ""]
+
+
+def _gguf_section_v1(g: dict) -> list[str]:
     lines = ["## GGUF in llama.cpp: our exports vs llama.cpp's own quantizer", "",
              f"Data: {provenance(g)}. Perplexity from llama.cpp's logits (llama-cpp-python) on "
              f"{g['windows']} windows × {g['ctx']} tokens; `llama.cpp` = `llama_model_quantize` of our F16 "

@@ -214,7 +214,8 @@ def evaluate(
 def quantize(
     model: str = ModelArg,
     out: Path = typer.Option(..., "-o", "--out", help="Output directory for the quantized checkpoint."),
-    method: str = typer.Option("gptq", help="gptq, awq or rtn."),
+    method: str = typer.Option("gptq", help="gptq, awq (the published algorithm), awq-gptq (AWQ scales, then "
+                                            "GPTQ rounding) or rtn."),
     bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int = typer.Option(128, help="Columns per scale: 32, 64, 128 or -1 (per-channel)."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid (zero fixed) or asymmetric."),
@@ -231,8 +232,12 @@ def quantize(
                                              "float). A tied embedding stays float."),
     out_format: str = typer.Option("hf", "--format", help="hf (GPTQ/AWQ-layout checkpoint) or gguf (GPTQ on the "
                                                           "GGUF types of --type, written as OUT.gguf)."),
-    gguf_type: str = typer.Option("Q4_K_M", "--type", help="With --format gguf: Q4_0, Q5_0, Q8_0, Q4_K_M, "
-                                                           "Q5_K_M or Q6_K."),
+    gguf_type: str = typer.Option("Q4_K_M", "--type", help="With --format gguf: Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, "
+                                                           "Q4_K_M, Q4_1, Q4_0, IQ4_XS, IQ4_NL, Q3_K_L, Q3_K_M, "
+                                                           "Q3_K_S or Q2_K."),
+    target_bpw: float = typer.Option(None, "--target-bpw", help="With --format gguf: pick each layer linear's "
+                                     "type (Q2_K … Q8_0) so they average this many bits per weight, bits going "
+                                     "where the Hessian-weighted error per byte is highest."),
 ):
     """Quantize MODEL one decoder layer at a time into a GPTQ/AWQ-layout checkpoint (or a GGUF file)."""
     if out_format not in ("hf", "gguf"):
@@ -253,10 +258,12 @@ def quantize(
 
     fmt = QuantFormat(method, bits, group_size, sym, lm_head=bool(lm_head_bits), lm_head_bits=lm_head_bits or None)
     opts = QuantOptions(fmt, calib, samples, seq_len, seed, damp=damp, act_order=act_order, device=device)
+    if target_bpw is not None and out_format != "gguf":
+        raise KananaQuantError("--target-bpw applies to --format gguf")
     if out_format == "gguf":
         GGUFSink.check(opts, gguf_type, out)  # before loading anything
     loaded = open_model(model)
-    sink = GGUFSink(loaded, out, opts, gguf_type) if out_format == "gguf" else None
+    sink = GGUFSink(loaded, out, opts, gguf_type, target_bpw=target_bpw) if out_format == "gguf" else None
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
@@ -277,6 +284,8 @@ def quantize(
         line = f"layer {report.layer}: {report.seconds:.1f} s"
         if report.loss:
             line += f", GPTQ loss {report.loss:.4g}"
+        if report.rounding is not None:
+            line += f", kept GPTQ on {report.rounding['gptq']} tensors, RTN on {report.rounding['rtn']}"
         if report.expert_tokens is not None:
             counts = report.expert_tokens
             line += f", routed tokens per expert min {min(counts)} / max {max(counts)}"
@@ -300,8 +309,9 @@ app.add_typer(export_app, name="export")
 def export_gguf(
     src: str = typer.Argument(..., help="Float model, our quantized checkpoint, or a GGUF file."),
     out: Path = typer.Option(..., "-o", "--out", help="Output .gguf file."),
-    file_type: str = typer.Option("Q4_K_M", "--type", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K_M, "
-                                                           "Q5_K_M or Q6_K."),
+    file_type: str = typer.Option("Q4_K_M", "--type", help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_1, Q5_0, "
+                                                           "Q4_K_M, Q4_1, Q4_0, IQ4_XS, IQ4_NL, Q3_K_L, Q3_K_M, "
+                                                           "Q3_K_S or Q2_K."),
 ):
     """Write a llama.cpp GGUF; GPTQ/RTN/AWQ codes are carried over exactly where the GGUF type can hold them."""
     from kanana_quant.gguf.mix import file_type_info

@@ -22,7 +22,7 @@ from kanana_quant.errors import KananaQuantError
 from kanana_quant.quant import packing
 from kanana_quant.safetensors_io import TensorSpec
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq")  # awq-gptq: AWQ's scales, then GPTQ's rounding (GPTQ layout)
 SUPPORTED_BITS = packing.GPTQ_BITS
 QUANTIZED_ROLES = frozenset(names.ATTENTION_LINEARS + names.MLP_LINEARS)
 

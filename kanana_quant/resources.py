@@ -110,10 +110,10 @@ def calibration_memory(cfg: ModelConfig, method: str, samples: int, seq_len: int
     rows = min(batch, samples)
     scores = rows * cfg.num_heads * seq_len * seq_len  # if attention materialises its score matrix
     need["forward batch"] = (rows * seq_len * (4 * h + 2 * widest) + scores) * F32
-    if method == "gptq":
+    if method in ("gptq", "awq-gptq"):
         cols = max(h, cfg.q_size, inter)
         need["hessians"] = 4 * cols * cols * F32  # H, its damped flip, the Cholesky factor and inverse
-    else:  # awq: whole sequences up to ~4096 tokens, their inputs and outputs of every linear
+    if method != "gptq":  # awq: whole sequences up to ~4096 tokens, their inputs and outputs of every linear
         tokens = min(samples, max(1, math.ceil(AWQ_TOKENS / seq_len))) * seq_len
         need["awq search tokens"] = tokens * (6 * h + 3 * cfg.q_size + 6 * inter) * F32
     if cfg.moe:

@@ -29,6 +29,9 @@ VARIANTS = {
     "moe-qwen-no-renorm": {**TINY["qwen-moe"], "norm_topk_prob": False},
     # Rows of 256 so llama.cpp's K-quants apply (the 96-wide models fall back to legacy types).
     "dense-256": {**TINY["dense"], **WIDE},
+    # 8 layers and 4 query heads per KV head: llama-quantize's per-layer and GQA rules all show
+    "dense-256-deep": {**TINY["dense"], **WIDE, "num_hidden_layers": 8, "num_attention_heads": 4,
+                       "num_key_value_heads": 1},
     "moe-256": {**TINY["moe"], **WIDE, "intermediate_size": 256},
 }
 

@@ -52,7 +52,8 @@ def bf16(x: np.ndarray) -> np.ndarray:
 
 
 VEC_DOT = {T.F32: lambda x: x, T.F16: f16, T.BF16: bf16, T.Q8_0: q8_0, T.Q4_0: q8_0, T.Q4_1: q8_0, T.Q5_0: q8_0,
-           T.Q5_1: q8_0, T.Q4_K: q8_k, T.Q5_K: q8_k, T.Q6_K: q8_k}
+           T.Q5_1: q8_0, T.IQ4_NL: q8_0, T.Q2_K: q8_k, T.Q3_K: q8_k, T.Q4_K: q8_k, T.Q5_K: q8_k, T.Q6_K: q8_k,
+           T.IQ4_XS: q8_k}
 
 
 class LlamaCppRounding(CheckpointWeights):

@@ -288,7 +288,10 @@ def test_tensor_type_rules_for_moe_legacy_widths_and_imatrix():
 FILE_TYPE_EXPECTATIONS = {
     "F32": ("F32", 0.0), "F16": ("F16", 5e-4), "BF16": ("BF16", 4e-3), "Q8_0": ("Q8_0", 0.01),
     "Q6_K": ("Q8_0", 0.01), "Q5_0": ("Q5_0", 0.06), "Q4_K_M": ("Q5_0", 0.06), "Q5_K_M": ("Q5_1", 0.06),
-    "Q4_1": ("Q4_1", 0.1), "Q4_0": ("Q4_0", 0.12),
+    "Q4_1": ("Q4_1", 0.1), "Q4_0": ("Q4_0", 0.12), "Q5_1": ("Q5_1", 0.06),
+    # 96-wide rows: Q2_K/Q3_K fall back to Q4_0 and IQ4_XS to IQ4_NL, as in llama-quantize
+    "Q2_K": ("Q4_0", 0.12), "Q3_K_S": ("Q4_0", 0.12), "Q3_K_M": ("Q4_0", 0.12), "Q3_K_L": ("Q4_0", 0.12),
+    "IQ4_NL": ("IQ4_NL", 0.12), "IQ4_XS": ("IQ4_NL", 0.12),
 }
 
 
@@ -372,7 +375,7 @@ def test_tensors_that_cannot_be_carried_are_requantized(model_dirs, tmp_path):
 
 def test_user_errors_are_one_line(tiny_dense, model_dirs, tmp_path):
     model = open_model(str(tiny_dense))
-    for bad, match in (("Q3_K_M", "unknown GGUF type"), ("q4", "unknown GGUF type")):
+    for bad, match in (("IQ2_XXS", "unknown GGUF type"), ("q4", "unknown GGUF type")):
         with pytest.raises(KananaQuantError, match=match):
             export_gguf(model, tmp_path / "x.gguf", bad)
     with pytest.raises(KananaQuantError, match="does not exist"):

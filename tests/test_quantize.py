@@ -58,12 +58,13 @@ class Dequantized:
 
 
 @pytest.mark.parametrize("method, bits, sym", [("rtn", 4, True), ("gptq", 3, False), ("awq", 4, False),
-                                               ("gptq", 8, True), ("rtn", 2, False)])
+                                               ("gptq", 8, True), ("rtn", 2, False), ("awq-gptq", 4, True)])
 def test_quantized_runtime_equals_dequantized_float_forward(tiny_dense, tmp_path, method, bits, sym):
     out = quantize(tiny_dense, tmp_path / "q", method, bits, sym=sym)
     ckpt = QuantizedCheckpoint(out)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["bits"] == bits and config["quant_method"] == ("awq" if method == "awq" and bits == 4 else "gptq")
+    assert config["kanana_quant"]["method"] == method
     ids = open_model(str(out)).tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)
     quantized = NumpyEngine(ckpt).forward(ids, all_logits=True)
     reference = NumpyEngine(ckpt, source=Dequantized(ckpt)).forward(ids, all_logits=True)

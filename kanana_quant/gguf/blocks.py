@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from kanana_quant.qcheckpoint import QTensor
 
 T = GGMLQuantizationType
-SUPPORTED = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K)
+SUPPORTED = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL,
+             T.IQ4_XS)
 BLOCK_SIZES = {t: GGML_QUANT_SIZES[t][0] for t in SUPPORTED}
 TYPE_SIZES = {t: GGML_QUANT_SIZES[t][1] for t in SUPPORTED}
 
@@ -48,6 +49,8 @@ _F32 = np.float32
 _GROUP_MAX_EPS = _F32(1e-15)  # ggml treats a group whose largest magnitude is below this as all zero
 _SUB_K = 32  # Q4_K/Q5_K sub-block: eight per super-block, each with a 6-bit scale and min
 _SUB_Q6 = 16  # Q6_K sub-block: sixteen per super-block, each with an int8 scale
+_SUB_16 = 16  # Q2_K/Q3_K sub-block: sixteen per super-block, each with a 4-bit (Q2_K) or 6-bit (Q3_K) scale
+_SUB_IQ4 = 32  # IQ4_NL block and IQ4_XS sub-block
 _CHUNK_WEIGHTS = 1 << 20  # bounds the float temporaries of the K-quant searches
 
 
@@ -201,11 +204,6 @@ def quantize_q5_0(w) -> np.ndarray:
     return _pack_q5_0(_by_rows(_fit_sym, _blocks(w, T.Q5_0), 16))
 
 
-def quantize_q4_1(w) -> np.ndarray:
-    """Q4_1 bytes, bit-exact with quantize_row_q4_1_ref: d = (max − min)/15, m = min."""
-    return _pack_q4_1(_by_rows(_fit_q4_1, _blocks(w, T.Q4_1)))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Exact carriers for codes that are already quantized (GPTQ/AWQ)
 
@@ -260,7 +258,7 @@ def pack_q4_1(codes, d, m) -> np.ndarray:
 # Searches shared by the K-quants (ggml-quants.c make_*_quants), vectorised over groups
 
 
-def _affine_fit(x, wt, nmax: int, rmin: float, rdelta: float, nstep: int):
+def _affine_fit(x, wt, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool = False):
     """Weighted fit of each group (last axis) to scale·l + min, l in [0, nmax], min <= 0
     (make_qkx2_quants / make_qkx3_quants): try nstep+1 stretched grids, refit scale and min by weighted
     least squares on each, keep the best. Returns scale, −min (>= 0) and the codes."""
@@ -273,7 +271,8 @@ def _affine_fit(x, wt, nmax: int, rmin: float, rdelta: float, nstep: int):
         return _nearest(iscale[..., None] * (x - lo[..., None]), 0, nmax)
 
     def error(scale, lo, L):
-        return _sum(wt * np.square(scale[..., None] * L + lo[..., None] - x))
+        diff = scale[..., None] * L + lo[..., None] - x
+        return _sum(wt * (np.abs(diff) if mad else np.square(diff)))  # Q2_K's reference uses |error|
 
     iscale = _F32(nmax) / _safe(hi - lo, ~flat)
     scale = _F32(1) / iscale
@@ -547,6 +546,325 @@ def quantize_q6_k(w, importance=None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Q5_1, and Q4_1 / Q5_1 with an importance matrix (quantize_row_q4_1_impl / q5_1_impl)
+
+
+def _fit_q5_1(x: np.ndarray) -> _Affine:
+    lo = x.min(axis=-1, keepdims=True)
+    d = (x.max(axis=-1, keepdims=True) - lo) / _F32(31)
+    v = (x - lo) * _inv(d) + _F32(0.5)
+    return _Affine(d[..., 0], lo[..., 0], np.clip(np.trunc(v), 0, 31).astype(np.uint8))
+
+
+def _pack_q5_1(f: _Affine) -> np.ndarray:
+    return _rows([_f16_bytes(f.d), _f16_bytes(f.m), _bit_plane(f.q, 4), _nibbles(f.q)], T.Q5_1)
+
+
+def _fit_legacy_affine(x, imp, nmax: int) -> _Affine:
+    """make_qkx3_quants per 32-block with weights importance·sqrt(σ² + x²), σ² = mean x² over the whole row;
+    d and m are stored as fp16 and the codes are not refitted to them (as ggml)."""
+    sigma2 = _sum(x.reshape(x.shape[0], -1) ** 2)[:, None, None] / _F32(x.shape[1] * x.shape[2])
+    wt = imp.reshape(x.shape[1:]) * np.sqrt(sigma2 + x * x)
+    scale, mn, L = _affine_fit(x, wt, nmax, *_IMATRIX_SEARCH)
+    return _Affine(scale.astype(np.float16), (-mn).astype(np.float16), L)
+
+
+def fit_q4_1(w, importance=None) -> _Affine:
+    """Q4_1 fields (d, m as fp16, codes): llama.cpp's reference rule, or its imatrix search."""
+    x = _blocks(w, T.Q4_1)
+    imp = _importance(importance, x, T.Q4_1)
+    return _by_rows(_fit_q4_1, x) if imp is None else _by_rows(_fit_legacy_affine, x, imp, 15)
+
+
+def fit_q5_1(w, importance=None) -> _Affine:
+    """Q5_1 fields; see fit_q4_1."""
+    x = _blocks(w, T.Q5_1)
+    imp = _importance(importance, x, T.Q5_1)
+    return _by_rows(_fit_q5_1, x) if imp is None else _by_rows(_fit_legacy_affine, x, imp, 31)
+
+
+def quantize_q4_1(w, importance=None) -> np.ndarray:
+    """Q4_1 bytes, bit-exact with quantize_row_q4_1_ref (d = (max − min)/15, m = min), or with an importance
+    matrix with quantize_row_q4_1_impl."""
+    return _pack_q4_1(fit_q4_1(w, importance))
+
+
+def quantize_q5_1(w, importance=None) -> np.ndarray:
+    """Q5_1 bytes; see quantize_q4_1."""
+    return _pack_q5_1(fit_q5_1(w, importance))
+
+
+def pack_q5_1(codes, d, m) -> np.ndarray:
+    """Exact Q5_1 bytes for w = d·codes + m: codes in [0, 31], d and m [rows, cols/32] fp16-representable."""
+    q = _codes(codes, 0, 31, T.Q5_1)
+    shape = q.shape[:2]
+    return _pack_q5_1(_Affine(_fp16_exact(d, shape, T.Q5_1, "d"), _fp16_exact(m, shape, T.Q5_1, "m"),
+                              q.astype(np.uint8)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Q2_K: sixteen sub-blocks of 16, w = d·sc·q − dmin·m with 4-bit sc and m, 2-bit q
+
+
+def _nbit_ref(v, nmax: int):
+    """The reference quantization of sub-block scales or mins: the largest maps to nmax (fp16 super-scale)."""
+    top = np.maximum(v.max(axis=-1), 0)
+    live = top > 0
+    inv = np.where(live, _F32(nmax) / _safe(top, live), _F32(0))
+    return np.where(live, top / _F32(nmax), _F32(0)), np.rint(inv[..., None] * v).astype(np.int64)
+
+
+def _fit_q2_k(x, imp) -> KAffine:
+    xs = x.reshape(*x.shape[:-1], QK_K // _SUB_16, _SUB_16)
+    if imp is None:
+        scale, mn, L = _affine_fit(xs, np.abs(xs), 3, -0.5, 0.1, 15, mad=True)
+        (d, sc), (dmin, m) = _nbit_ref(scale, 15), _nbit_ref(mn, 15)
+        byte = (sc & 0xFF) | ((m << 4) & 0xFF)  # ggml ORs the mins into the scale bytes as they are
+        sc, m = byte & 0xF, byte >> 4
+    else:
+        sigma2 = _sum(x * x)[..., None, None] / _F32(QK_K)  # Q2_K's impl: no factor 2, unlike the others
+        wt = imp.reshape(-1, QK_K // _SUB_16, _SUB_16) * np.sqrt(sigma2 + xs * xs)
+        scale, mn, L = _affine_fit(xs, wt, 3, *_IMATRIX_SEARCH)
+        sw = _sum(wt)
+        (d, sc), (dmin, m) = _qp_fit(scale, sw, 15), _qp_fit(mn, sw, 15)
+    d, dmin = d.astype(np.float16), dmin.astype(np.float16)
+    ds = d.astype(_F32)[..., None] * sc.astype(_F32)
+    dm = dmin.astype(_F32)[..., None] * m.astype(_F32)
+    refit = _nearest((xs + dm[..., None]) / _safe(ds, ds != 0)[..., None], 0, 3)
+    q = np.where((ds != 0)[..., None], refit, L).astype(np.uint8)
+    return KAffine(d, dmin, sc.astype(np.uint8), m.astype(np.uint8), q.reshape(x.shape))
+
+
+def _crumbs(q):
+    """Per 128 weights, 32 bytes: weight l + 32·k of the run in bits 2k..2k+1 of byte l (Q2_K/Q3_K)."""
+    q = q.reshape(*q.shape[:-1], QK_K // 128, 4, 32)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
+    return np.bitwise_or.reduce((q & 3) << shifts, axis=-2).reshape(*q.shape[:-3], QK_K // 4)
+
+
+def pack_q2_k(f: KAffine) -> np.ndarray:
+    """Q2_K bytes [rows, n_super * 84] from its fields (sc, m: [rows, n_super, 16] in [0, 15])."""
+    for name, a, hi, n in (("sc", f.sc, 15, 16), ("m", f.m, 15, 16), ("q", f.q, 3, QK_K)):
+        if a.shape != (*f.d.shape, n) or (a.size and (a.min() < 0 or a.max() > hi)):
+            raise ValueError(f"Q2_K: {name} must be [rows, n_super, {n}] in [0, {hi}]")
+    scales = f.sc.astype(np.uint8) | (f.m.astype(np.uint8) << 4)
+    return _rows([scales, _crumbs(f.q.astype(np.uint8)), _f16_bytes(f.d), _f16_bytes(f.dmin)], T.Q2_K)
+
+
+def fit_q2_k(w, importance=None) -> KAffine:
+    """Q2_K fields: llama.cpp's reference search (|error|, weights |x|), or its imatrix search."""
+    x = _blocks(w, T.Q2_K)
+    return _by_rows(_fit_q2_k, x, _importance(importance, x, T.Q2_K))
+
+
+def quantize_q2_k(w, importance=None) -> np.ndarray:
+    """Q2_K bytes; see quantize_q4_k."""
+    return pack_q2_k(fit_q2_k(w, importance))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Q3_K: sixteen sub-blocks of 16, w = d·sc·(q − 4) with signed 6-bit sc, 3-bit q
+
+
+def _q3_search(x, nmax: int):
+    """make_q3_quants with do_rmse: the extreme maps to −nmax, then coordinate descent on the signed codes
+    in [−nmax, nmax) with weights x². Returns scale and codes + nmax."""
+    top = _signed_absmax(x)
+    live = np.abs(top) >= _GROUP_MAX_EPS
+    top = _safe(top, live)
+    L = _nearest((-_F32(nmax) / top)[..., None] * x, -nmax, nmax - 1)
+    w = x * x
+    sumlx, suml2 = _sum(w * x * L), _sum(w * L * L)
+    for _ in range(5):
+        moved = False
+        for i in range(x.shape[-1]):
+            wi, xi, li = w[..., i], x[..., i], L[..., i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            ok = slx > 0
+            new = _nearest(xi * sl2 / _safe(slx, ok), -nmax, nmax - 1)
+            slx, sl2 = slx + wi * xi * new, sl2 + wi * new * new
+            take = ok & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[..., i] = np.where(take, new, li)
+            sumlx, suml2 = np.where(take, slx, sumlx), np.where(take, sl2, suml2)
+            moved = moved or bool(take.any())
+        if not moved:
+            break
+    scale = np.where(live & (suml2 > 0), sumlx / _safe(suml2, suml2 > 0), _F32(0))
+    return scale, np.where(live[..., None], L + nmax, 0).astype(np.uint8)
+
+
+def _fit_q3_k(x, imp) -> KSym:
+    xs = x.reshape(*x.shape[:-1], QK_K // _SUB_16, _SUB_16)
+    if imp is None:
+        scale, L = _q3_search(xs, 4)
+        top = _signed_absmax(scale)
+        live = top != 0
+        iscale = _F32(-32) / _safe(top, live)
+        # a dead super-block keeps its scale bytes zeroed: every stored 6-bit scale reads −32
+        sc = np.where(live[..., None], _nearest(iscale[..., None] * scale, -32, 31), -32)
+        d = np.where(live, _F32(1) / iscale, _F32(0)).astype(np.float16)
+    else:
+        sigma2 = _F32(2) * _sum(x * x)[..., None, None] / _F32(QK_K)
+        wt = imp.reshape(-1, QK_K // _SUB_16, _SUB_16) * np.sqrt(sigma2 + xs * xs)
+        scale, L = _qx_fit(xs, wt, 4)
+        d, ls = _qx_fit(scale, _sum(wt), 32)
+        d, sc = d.astype(np.float16), ls.astype(np.int64) - 32
+    ds = d.astype(_F32)[..., None] * sc.astype(_F32)
+    refit = _nearest(xs / _safe(ds, ds != 0)[..., None], -4, 3) + 4
+    q = np.where((ds != 0)[..., None], refit, L).astype(np.uint8)
+    return KSym(d, sc.astype(np.int8), q.reshape(x.shape))
+
+
+def pack_q3_k(f: KSym) -> np.ndarray:
+    """Q3_K bytes [rows, n_super * 110] from its fields (sc [rows, n_super, 16] in [−32, 31], q in [0, 7])."""
+    if f.sc.shape != (*f.d.shape, QK_K // _SUB_16) or f.q.shape != (*f.d.shape, QK_K):
+        raise ValueError("Q3_K: sc must be [rows, n_super, 16] and q [rows, n_super, 256]")
+    sc = np.asarray(f.sc).astype(np.int16)
+    if (f.q.size and (f.q.min() < 0 or f.q.max() > 7)) or (sc.size and (sc.min() < -32 or sc.max() > 31)):
+        raise ValueError("Q3_K: q must lie in [0, 7] and sc in [-32, 31]")
+    q = f.q.astype(np.uint8)
+    hmask = np.packbits((q >> 2).reshape(*q.shape[:-1], 8, 32) & 1, axis=-2, bitorder="little")[..., 0, :]
+    ls = (sc + 32).astype(np.uint8)  # bits 0-3: nibbles of bytes 0-7, bits 4-5: crumbs of bytes 8-11
+    low = (ls[..., :8] & 0xF) | ((ls[..., 8:] & 0xF) << 4)
+    high = ls.reshape(*ls.shape[:-1], 4, 4) >> 4  # [.., j // 4, j % 4]
+    high = np.bitwise_or.reduce(high << np.array([0, 2, 4, 6], dtype=np.uint8)[:, None], axis=-2)
+    return _rows([hmask, _crumbs(q), low, high, _f16_bytes(f.d)], T.Q3_K)
+
+
+def fit_q3_k(w, importance=None) -> KSym:
+    """Q3_K fields: llama.cpp's reference search (make_q3_quants), or its imatrix search."""
+    x = _blocks(w, T.Q3_K)
+    return _by_rows(_fit_q3_k, x, _importance(importance, x, T.Q3_K))
+
+
+def quantize_q3_k(w, importance=None) -> np.ndarray:
+    """Q3_K bytes; see quantize_q4_k."""
+    return pack_q3_k(fit_q3_k(w, importance))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IQ4_NL, IQ4_XS: the non-linear 16-level grid, w = scale·KVALUES[q]
+
+KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+_KV = KVALUES.astype(_F32)
+
+
+def nearest_level(v: np.ndarray) -> np.ndarray:
+    """best_index_int8: the index of the nearest of KVALUES, a tie going to the upper one."""
+    mu = np.clip(np.searchsorted(_KV, v, side="right"), 1, len(_KV) - 1)
+    lower = (v - _KV[mu - 1]) < (_KV[mu] - v)
+    i = np.where(lower, mu - 1, mu)
+    return np.where(v <= _KV[0], 0, np.where(v >= _KV[-1], len(_KV) - 1, i)).astype(np.uint8)
+
+
+def _iq4_scales(x, wt, ntry: int = 7):
+    """Per 32-block scale of quantize_row_iq4_nl_impl: d = max/127, weighted refits on the grids
+    (itry − 127)/max for itry in [−ntry, ntry], keeping the best by Σwqx²/Σwq²."""
+    top = _signed_absmax(x)
+    live = np.abs(top) >= _GROUP_MAX_EPS
+    top = _safe(top, live)
+
+    def fit(iscale):
+        q = _KV[nearest_level(iscale[..., None] * x)]
+        return _sum(wt * q * x), _sum(wt * q * q)
+
+    d = -top / _KV[0]
+    sqx, sq2 = fit(_F32(1) / d)
+    d = np.where(sq2 > 0, sqx / _safe(sq2, sq2 > 0), _F32(0))
+    best = d * sqx
+    for itry in range(-ntry, ntry + 1):
+        sqx, sq2 = fit(_F32(itry + int(KVALUES[0])) / top)
+        take = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = np.where(take, sqx / _safe(sq2, take), d)
+        best = np.where(take, d * sqx, best)
+    return np.where(live, d, _F32(0))
+
+
+def _iq4_weights(x, imp):
+    """x² without an importance matrix, else importance·sqrt(σ² + x²) with σ² = 2·mean x² over the (super-)block."""
+    if imp is None:
+        return x * x
+    flat = x.reshape(*x.shape[:-2], -1)
+    sigma2 = _sum(flat * flat)[..., None, None] * (_F32(2) / _F32(flat.shape[-1]))
+    return imp.reshape(x.shape[-3:]) * np.sqrt(sigma2 + x * x)
+
+
+class Levels(NamedTuple):
+    """IQ4_NL / IQ4_XS fields: block b holds w = d[b]·KVALUES[q] (IQ4_NL), or super-block b's sub-block s
+    holds w = d[b]·sc[b, s]·KVALUES[q] (IQ4_XS, sc in [−32, 31])."""
+
+    d: np.ndarray  # float16 [rows, n_blocks]
+    sc: np.ndarray  # int8 [rows, n_super, 8] (IQ4_XS); [rows, 0] for IQ4_NL
+    q: np.ndarray  # uint8 [rows, n_blocks, block], < 16
+
+
+def _fit_iq4_nl(x, imp) -> Levels:
+    xs = x[..., None, :]  # each 32-block is its own super-block (σ² over 32 weights)
+    d = _iq4_scales(xs, _iq4_weights(xs, imp))[..., 0]
+    inv = np.where(d != 0, _F32(1) / _safe(d, d != 0), _F32(0))  # the float scale, not its fp16
+    return Levels(d.astype(np.float16), np.zeros((x.shape[0], 0), np.int8), nearest_level(inv[..., None] * x))
+
+
+def _fit_iq4_xs(x, imp) -> Levels:
+    xs = x.reshape(*x.shape[:-1], QK_K // _SUB_IQ4, _SUB_IQ4)
+    scales = _iq4_scales(xs, _iq4_weights(xs, imp))
+    d = -_signed_absmax(scales) / _F32(32)
+    inv = np.where(d != 0, _F32(1) / _safe(d, d != 0), _F32(0))
+    ls = _nearest(inv[..., None] * scales, -32, 31)
+    dl = d[..., None] * ls  # float d, as ggml, not the fp16 it stores
+    idl = np.where(dl != 0, _F32(1) / _safe(dl, dl != 0), _F32(0))
+    q = nearest_level(idl[..., None] * xs)
+    return Levels(d.astype(np.float16), ls.astype(np.int8), q.reshape(x.shape))
+
+
+def _check_levels(f: Levels, qtype: T, sub: int) -> None:
+    if f.q.size and f.q.max() > 15:
+        raise ValueError(f"{qtype.name}: q must lie in [0, 15]")
+    if qtype == T.IQ4_XS:
+        if f.sc.shape != (*f.d.shape, QK_K // sub) or (f.sc.size and (f.sc.min() < -32 or f.sc.max() > 31)):
+            raise ValueError(f"{qtype.name}: sc must be [rows, n_super, 8] in [-32, 31]")
+
+
+def pack_iq4_nl(f: Levels) -> np.ndarray:
+    """IQ4_NL bytes [rows, n_blocks * 18]: fp16 d, then nibbles as Q4_0's."""
+    _check_levels(f, T.IQ4_NL, _SUB_IQ4)
+    return _rows([_f16_bytes(f.d), _nibbles(f.q.astype(np.uint8))], T.IQ4_NL)
+
+
+def pack_iq4_xs(f: Levels) -> np.ndarray:
+    """IQ4_XS bytes [rows, n_super * 136]: fp16 d, u16 high bits of the 6-bit scales (two per sub-block),
+    4 bytes of their low nibbles, then per 32 weights the nibbles as Q4_0's."""
+    _check_levels(f, T.IQ4_XS, _SUB_IQ4)
+    ls = (f.sc.astype(np.int16) + 32).astype(np.uint16)
+    high = np.bitwise_or.reduce((ls >> 4) << (2 * np.arange(8, dtype=np.uint16)), axis=-1)
+    low = ((ls[..., 0::2] & 0xF) | ((ls[..., 1::2] & 0xF) << 4)).astype(np.uint8)
+    q = f.q.astype(np.uint8).reshape(*f.d.shape, QK_K // _SUB_IQ4, _SUB_IQ4)
+    return _rows([_f16_bytes(f.d), high.astype("<u2")[..., None].view(np.uint8), low,
+                  _nibbles(q).reshape(*f.d.shape, QK_K // 2)], T.IQ4_XS)
+
+
+def fit_iq4_nl(w, importance=None) -> Levels:
+    """IQ4_NL fields as llama.cpp's quantize_iq4_nl (weights x², or the importance matrix's)."""
+    x = _blocks(w, T.IQ4_NL)
+    return _by_rows(_fit_iq4_nl, x, _importance(importance, x, T.IQ4_NL))
+
+
+def fit_iq4_xs(w, importance=None) -> Levels:
+    """IQ4_XS fields as llama.cpp's quantize_iq4_xs."""
+    x = _blocks(w, T.IQ4_XS)
+    return _by_rows(_fit_iq4_xs, x, _importance(importance, x, T.IQ4_XS))
+
+
+def quantize_iq4_nl(w, importance=None) -> np.ndarray:
+    return pack_iq4_nl(fit_iq4_nl(w, importance))
+
+
+def quantize_iq4_xs(w, importance=None) -> np.ndarray:
+    return pack_iq4_xs(fit_iq4_xs(w, importance))
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _importance(importance, x: np.ndarray, qtype: T):
@@ -563,9 +881,10 @@ def _importance(importance, x: np.ndarray, qtype: T):
 
 QUANTIZERS: dict[T, Callable[..., np.ndarray]] = {
     T.Q8_0: quantize_q8_0, T.Q4_0: quantize_q4_0, T.Q4_1: quantize_q4_1, T.Q5_0: quantize_q5_0,
-    T.Q4_K: quantize_q4_k, T.Q5_K: quantize_q5_k, T.Q6_K: quantize_q6_k,
+    T.Q5_1: quantize_q5_1, T.Q2_K: quantize_q2_k, T.Q3_K: quantize_q3_k, T.Q4_K: quantize_q4_k,
+    T.Q5_K: quantize_q5_k, T.Q6_K: quantize_q6_k, T.IQ4_NL: quantize_iq4_nl, T.IQ4_XS: quantize_iq4_xs,
 }
-_TAKES_IMPORTANCE = (T.Q4_K, T.Q5_K, T.Q6_K)
+TAKES_IMPORTANCE = (T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 
 
 def quantize(w, qtype: T, importance=None) -> np.ndarray:
@@ -573,8 +892,8 @@ def quantize(w, qtype: T, importance=None) -> np.ndarray:
     if qtype not in QUANTIZERS:
         names = ", ".join(t.name for t in SUPPORTED)
         raise ValueError(f"{T(qtype).name}: no packer here (supported: {names})")
-    if importance is not None and qtype not in _TAKES_IMPORTANCE:
-        raise ValueError(f"{qtype.name}: importance weighting is only implemented for the K-quants")
+    if importance is not None and qtype not in TAKES_IMPORTANCE:
+        raise ValueError(f"{qtype.name}: importance weighting is not implemented for this type")
     if importance is None:
         return QUANTIZERS[qtype](w)
     return QUANTIZERS[qtype](w, importance)
@@ -582,10 +901,10 @@ def quantize(w, qtype: T, importance=None) -> np.ndarray:
 
 def encode(w: np.ndarray, qtype: T, importance: np.ndarray | None, name: str) -> np.ndarray:
     """Float weights [rows, cols] as qtype's bytes; `importance` weights the K-quant searches."""
-    if qtype in (T.F32, T.F16, T.BF16, T.Q5_1):  # gguf-py's own encoders (Q5_1: the Q5_K row fallback)
+    if qtype in (T.F32, T.F16, T.BF16):  # gguf-py's own encoders
         return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
     try:
-        return quantize(w, qtype, importance if qtype in _TAKES_IMPORTANCE else None)
+        return quantize(w, qtype, importance if qtype in TAKES_IMPORTANCE else None)
     except ValueError as e:
         raise KananaQuantError(f"{name}: cannot encode as {qtype.name} ({e})") from None
 

@@ -20,14 +20,21 @@ FILE_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "Q4_0": (T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     "Q4_1": (T.Q4_1, LlamaFileType.MOSTLY_Q4_1),
     "Q5_0": (T.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "Q5_1": (T.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "Q2_K": (T.Q2_K, LlamaFileType.MOSTLY_Q2_K),
+    "Q3_K_S": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
+    "Q3_K_M": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
+    "Q3_K_L": (T.Q3_K, LlamaFileType.MOSTLY_Q3_K_L),
+    "IQ4_NL": (T.IQ4_NL, LlamaFileType.MOSTLY_IQ4_NL),
+    "IQ4_XS": (T.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
     "Q4_K_M": (T.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
     "Q5_K_M": (T.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
     "Q6_K": (T.Q6_K, LlamaFileType.MOSTLY_Q6_K),
 }
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
-K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS)
 # llama-quantize's tensor_type_fallback for rows that are not whole 256-blocks.
-K_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+K_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
 
 
 def file_type_info(file_type: str) -> tuple[str, GGMLQuantizationType, LlamaFileType]:
@@ -49,6 +56,43 @@ def _role(name: str) -> tuple[str, int | None]:
     return role.rsplit(".", 1)[-1] if role.startswith("experts.") else role, int(layer)
 
 
+def _v_type(cfg: ModelConfig, key: str, layer: int, default: GGMLQuantizationType) -> GGMLQuantizationType:
+    n_gqa = cfg.num_heads // cfg.num_kv_heads
+    if key == "Q2_K":
+        return T.Q4_K if n_gqa >= 4 else T.Q3_K
+    if key == "Q3_K_M":
+        return T.Q5_K if layer < 2 else T.Q4_K
+    if key == "Q3_K_L":
+        return T.Q5_K
+    if key in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
+        return T.Q5_K
+    if key in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, cfg.num_layers):
+        return T.Q6_K
+    return default
+
+
+def _down_type(key: str, layer: int, n: int, default: GGMLQuantizationType,
+               has_imatrix: bool) -> GGMLQuantizationType:
+    if key == "Q2_K":
+        return T.Q3_K
+    if key == "Q3_K_M":
+        return T.Q5_K if layer < n // 16 else T.Q4_K
+    if key == "Q3_K_L":
+        return T.Q5_K
+    if key in ("Q4_K_M", "Q5_K_M"):
+        return T.Q6_K if use_more_bits(layer, n) else default
+    if key in ("IQ4_NL", "IQ4_XS") and layer < n // 8 and not has_imatrix:
+        return T.Q5_K
+    if key in ("Q4_0", "Q5_0") and has_imatrix and layer < n // 8:
+        # llama.cpp's guard against "craziness" in the first ffn_down layers, only with an imatrix
+        return T.Q4_1 if key == "Q4_0" else T.Q5_1
+    return default
+
+
+_O_MOE8_Q5_K = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_M", "IQ4_XS")
+_O_TYPES = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}
+
+
 def _mix(cfg: ModelConfig, name: str, key: str, default: GGMLQuantizationType, cols: int,
          has_imatrix: bool) -> GGMLQuantizationType:
     """llama_tensor_get_type_impl for the roles a llama model has and the file types we write."""
@@ -60,17 +104,16 @@ def _mix(cfg: ModelConfig, name: str, key: str, default: GGMLQuantizationType, c
             return T.Q8_0
         return default if default == T.Q8_0 else T.Q6_K
     if role == "v":
-        chosen = T.Q6_K if key in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n) else default
-        return T.Q8_0 if experts == 8 else chosen  # Mixtral-8x: V (and K) are tiny next to the experts
+        # Mixtral-8x: V (and K) are tiny next to the experts
+        return T.Q8_0 if experts == 8 else _v_type(cfg, key, layer, default)
     if role == "k" and experts == 8:
         return T.Q8_0
     if role == "down":
-        if key in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n):
-            return T.Q6_K
-        if key in ("Q4_0", "Q5_0") and has_imatrix and layer < n // 8:
-            return T.Q4_1 if key == "Q4_0" else T.Q5_1
-    if role == "o" and experts == 8 and key == "Q4_K_M":
-        return T.Q5_K
+        return _down_type(key, layer, n, default, has_imatrix)
+    if role == "o":
+        if experts == 8:
+            return T.Q5_K if key in _O_MOE8_Q5_K else default
+        return _O_TYPES.get(key, default)
     return default
 
 

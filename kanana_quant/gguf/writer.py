@@ -102,7 +102,7 @@ def llama3_rope_factors(cfg: ModelConfig) -> np.ndarray:
                            s.original_max_position_embeddings).astype(np.float32)
 
 
-def _layer_plans(cfg: ModelConfig, i: int, key: str, has_imatrix: bool) -> list[_Plan]:
+def _layer_plans(cfg: ModelConfig, i: int, key: str, has_imatrix: bool, types: dict) -> list[_Plan]:
     heads = {"q": cfg.num_heads, "k": cfg.num_kv_heads, "q_bias": cfg.num_heads, "k_bias": cfg.num_kv_heads}
     plans = []
     for role in names.layer_roles(cfg):
@@ -118,11 +118,11 @@ def _layer_plans(cfg: ModelConfig, i: int, key: str, has_imatrix: bool) -> list[
             continue
         suffix = "bias" if role.endswith("_bias") else "weight"
         plans.append(_Plan(tensor_name(LAYER_TENSORS[role], i, suffix), names.tensor_shape(cfg, name),
-                           tensor_type(cfg, name, key, has_imatrix), (name,), heads.get(role)))
+                           types.get(name) or tensor_type(cfg, name, key, has_imatrix), (name,), heads.get(role)))
     return plans
 
 
-def _plans(cfg: ModelConfig, key: str, has_imatrix: bool) -> list[_Plan]:
+def _plans(cfg: ModelConfig, key: str, has_imatrix: bool, types: dict | None = None) -> list[_Plan]:
     def single(name: str) -> _Plan:
         return _Plan(tensor_name(GLOBAL_TENSORS[name]), names.tensor_shape(cfg, name),
                      tensor_type(cfg, name, key, has_imatrix), (name,))
@@ -133,7 +133,7 @@ def _plans(cfg: ModelConfig, key: str, has_imatrix: bool) -> list[_Plan]:
         plans.append(_Plan(tensor_name(MT.ROPE_FREQS), factors.shape, T.F32, constant=factors))
     plans.append(single("embed"))
     for i in range(cfg.num_layers):
-        plans += _layer_plans(cfg, i, key, has_imatrix)
+        plans += _layer_plans(cfg, i, key, has_imatrix, types or {})
     plans.append(single("norm"))
     if not cfg.tie_word_embeddings:
         plans.append(single("lm_head"))
@@ -280,13 +280,19 @@ def _log_summary(out: Path, reports: list[TensorReport]) -> None:
 
 def export_gguf(model: LoadedModel, out_path: str | Path, file_type: str,
                 importance: dict[str, np.ndarray] | None = None,
-                on_tensor: Callable[[TensorReport], None] | None = None, packed: PackedBytes | None = None) -> Path:
+                on_tensor: Callable[[TensorReport], None] | None = None, packed: PackedBytes | None = None,
+                has_imatrix: bool | None = None, metadata: dict[str, str] | None = None,
+                types: dict[str, GGMLQuantizationType] | None = None) -> Path:
     """Write `model` as a llama GGUF of `file_type` (see gguf.mix.FILE_TYPES); returns the path.
 
     importance: per canonical tensor name, [cols] mean squared activations, used by the K-quant searches
     (and, as in llama-quantize with an imatrix, it moves Q4_0/Q5_0's first ffn_down layers to Q4_1/Q5_1).
     on_tensor: called with a TensorReport after each tensor is written.
     packed: bytes a caller has already packed for some tensors (taken as they are, counted as exact).
+    has_imatrix: pick the types llama-quantize picks with an importance matrix (default: whether `importance`
+    is given); a calibrated caller that packs its own bytes sets it.
+    metadata: extra string keys written into the header (e.g. the quantize report).
+    types: per-tensor types that replace the mix's for those layer tensors (--target-bpw's choice).
     """
     key, _, ftype = file_type_info(file_type)
     out = Path(out_path)
@@ -299,7 +305,9 @@ def export_gguf(model: LoadedModel, out_path: str | Path, file_type: str,
     source = Path(model.path)
     _add_hyperparameters(writer, cfg, source.name if source.is_dir() else source.stem, ftype)
     add_tokenizer(writer, model.tokenizer, cfg)
-    plans = _plans(cfg, key, has_imatrix=bool(importance))
+    for k, v in (metadata or {}).items():
+        writer.add_string(k, v)
+    plans = _plans(cfg, key, has_imatrix=bool(importance) if has_imatrix is None else has_imatrix, types=types)
     for plan in plans:
         writer.add_tensor_info(plan.gguf_name, plan.shape, np.dtype(np.float32), plan.nbytes,
                                raw_dtype=plan.ggml_type)

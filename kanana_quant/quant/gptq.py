@@ -32,10 +32,30 @@ class GPTQResult:
 @dataclass
 class ColumnGrid:
     """A grid fixed before GPTQ runs: column c of row r may take scale[r, c] · (q − zero[r, c]),
-    q ∈ [0, maxq]; zero may be fractional (K-quants' sub-block minimum)."""
+    q ∈ [0, maxq]; zero may be fractional (K-quants' sub-block minimum). With `levels` (a non-linear grid such
+    as IQ4's) the values are scale[r, c] · levels[q] instead, and zero is unused."""
     scale: torch.Tensor  # float32 [out, in], non-zero
     zero: torch.Tensor   # float32 [out, in]
     maxq: int
+    levels: torch.Tensor | None = None  # float32 [maxq + 1], ascending
+
+    def to(self, device) -> "ColumnGrid":
+        return ColumnGrid(self.scale.to(device), self.zero.to(device), self.maxq,
+                          None if self.levels is None else self.levels.to(device))
+
+    def round(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest codes of w on columns with scale s and zero z, and their values."""
+        if self.levels is None:
+            q = torch.clamp(torch.round(w / s + z), 0, self.maxq)  # zero may be fractional: round after adding
+            return q, s * (q - z)
+        mids = (self.levels[1:] + self.levels[:-1]) / 2
+        q = torch.bucketize(w / s, mids)
+        return q.to(w.dtype), s * self.levels[q]
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.levels is None:
+            return self.scale * (codes - self.zero)
+        return self.scale * self.levels[codes.long()]
 
 
 def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -59,17 +79,41 @@ def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return torch.diag(torch.rsqrt(torch.diag(H) + mean_diag))
 
 
+class HessianMean:
+    """H = 2/N Σ w_t x_t x_tᵀ as a running mean over the token weight N seen so far."""
+
+    def __init__(self, columns: int, device):
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.nsamples = 0.0
+
+    def add(self, x: torch.Tensor, w: torch.Tensor) -> None:
+        mass = float(w.sum())
+        if mass <= 0:
+            return
+        # Rescale the old mean before adding, so H never holds an unnormalised float32 sum over many tokens.
+        self.H *= self.nsamples / (self.nsamples + mass)
+        self.nsamples += mass
+        x = x * torch.sqrt(2 * w / self.nsamples).unsqueeze(1)
+        self.H += x.T @ x
+
+
 class GPTQ:
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, split: bool = False):
+        """split: also keep the Hessians of the even and of the odd calibration sequences apart (`halves`), so
+        that GPTQ fitted on one half can be scored on held-out tokens (gguf_sink's never-worse-than-RTN guard)."""
         self.W = weight.detach().to(torch.float32).clone()
         self.rows, self.columns = self.W.shape
         self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.W.device)
         self.nsamples = 0.0  # total token weight so far: H is kept as a running mean over it
         self.tokens = 0
+        self.sequences = 0
+        self.halves = (HessianMean(self.columns, self.W.device), HessianMean(self.columns, self.W.device)) \
+            if split else None
 
     def add_batch(self, inp: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Accumulate H = 2/N Σ w_t x_t x_tᵀ over tokens x_t (rows of inp) with optional weights w_t ≥ 0
-        (router probabilities for MoE experts); N = Σ w_t, so a weight of 2 counts a token twice."""
+        (router probabilities for MoE experts); N = Σ w_t, so a weight of 2 counts a token twice.
+        inp [sequences, tokens, columns] also feeds the even/odd halves when the solver splits."""
         x = inp.detach().reshape(-1, self.columns).to(self.W.device, torch.float32)
         self.tokens += x.shape[0]
         if weight is None:
@@ -78,6 +122,13 @@ class GPTQ:
             w = weight.detach().reshape(-1).to(x.device, torch.float32)
             if w.shape[0] != x.shape[0] or bool((w < 0).any()):
                 raise ValueError(f"GPTQ.add_batch: need {x.shape[0]} non-negative token weights, got {tuple(w.shape)}")
+        if self.halves is not None and inp.dim() == 3:
+            per_seq = inp.shape[1]
+            seq = self.sequences + torch.arange(x.shape[0], device=x.device) // per_seq
+            for parity, half in enumerate(self.halves):
+                rows = seq % 2 == parity
+                half.add(x[rows], w[rows])
+            self.sequences += inp.shape[0]
         mass = float(w.sum())
         if mass <= 0:
             return
@@ -195,13 +246,11 @@ def _on_grid(perm: torch.Tensor, W: torch.Tensor, U: torch.Tensor, grid: ColumnG
     S, Z = grid.scale[:, perm], grid.zero[:, perm]
 
     def column(c: int, w: torch.Tensor, _pending):
-        s, z = S[:, c], Z[:, c]
-        q = torch.clamp(torch.round(w / s + z), 0, grid.maxq)  # zero may be fractional: round after adding
-        return q, s * (q - z)
+        return grid.round(w, S[:, c], Z[:, c])
 
     codes, loss = _sweep(W, U, blocksize, column)
     codes = codes[:, torch.argsort(perm)]
-    return GPTQResult(codes.to(torch.uint8), grid.scale, grid.zero, grid.scale * (codes - grid.zero), float(loss))
+    return GPTQResult(codes.to(torch.uint8), grid.scale, grid.zero, grid.values(codes), float(loss))
 
 
 def _ordered(W: torch.Tensor, H: torch.Tensor, act_order: bool, percdamp: float):

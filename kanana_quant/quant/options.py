@@ -58,3 +58,6 @@ class LayerReport:
     seconds: float
     loss: float = 0.0
     expert_tokens: list[int] | None = None
+    # GGUF: how many tensors kept GPTQ's codes and how many the searched RTN on the same grid (it scored lower
+    # error on the calibration inputs, held-out ones when tokens are few for the width); held_out: that check ran
+    rounding: dict[str, int] | None = None

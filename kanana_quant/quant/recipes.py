@@ -8,6 +8,7 @@ our integer grid for GPTQ/AWQ checkpoints (CodeRounder), or each tensor's GGML t
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Protocol
 
 import numpy as np
@@ -27,6 +28,9 @@ EXPERT_CHUNK = 8  # experts per batched GPTQ sweep: fewer Python steps per colum
 
 
 class Rounder(Protocol):
+    def held_out(self, samples: int, seq_len: int, cols: int) -> bool:
+        """Whether GPTQ solvers of `cols` columns should also keep even/odd-sequence Hessians (GPTQ.halves)."""
+
     def round(self, layer: TorchLayer, index: int, solvers: list[GPTQ], groups: list[list[str]], stored: dict,
               report: LayerReport, batched: bool) -> None:
         """Run GPTQ's sweep of every solver; solver k holds the rows of groups[k]'s roles stacked in order.
@@ -49,6 +53,9 @@ class CodeRounder:
 
     def __init__(self, opts: QuantOptions):
         self.opts = opts
+
+    def held_out(self, samples: int, seq_len: int, cols: int) -> bool:
+        return False
 
     def round(self, layer, index, solvers, groups, stored, report, batched) -> None:
         o = self.opts
@@ -89,6 +96,8 @@ class Recipe:
             return {r: self.rtn(layer.w[r]) for r in layer.w if self._quantized(r)}
         if method == "gptq":
             return self.gptq(layer, index, src, report)
+        if method == "awq-gptq":
+            return self.awq_gptq(layer, index, src, report)
         return self.awq(layer, src, report)
 
     def _quantized(self, role: str) -> bool:
@@ -106,7 +115,8 @@ class Recipe:
                report: LayerReport, src: np.memmap) -> None:
         """One GPTQ stage: the roles share their input, so one Hessian is accumulated and copied."""
         self.on_stage("+".join(r.split(".")[-1] for r in roles) if len(roles) < 4 else f"{len(roles)} linears")
-        first = GPTQ(layer.w[roles[0]])
+        cols = layer.w[roles[0]].shape[1]
+        first = GPTQ(layer.w[roles[0]], split=self.rounder.held_out(self.opts.samples, self.opts.seq_len, cols))
         for x in self.batches(src):
             first.add_batch(feed(x))
         solvers = [first] + [_sharing(layer.w[r], first) for r in roles[1:]]
@@ -155,6 +165,29 @@ class Recipe:
         previous op (norm → q/k/v, v → o without GQA, norm → gate/up, up → down), then every linear clipped
         on its scaled input and rounded. MoE experts get their own up → down scales on their routed
         tokens; their gate/up share the norm with the router, so they get clipping only."""
+        w, spec = layer.w, self.opts.spec
+        inputs = self._awq_scale(layer, src, report)
+        self.on_stage("clip")
+        stored = {}
+        for role in [r for r in w if self._quantized(r)]:
+            kind = role.rsplit(".", 1)[-1]
+            source = {"k": "q", "v": "q", "up": "gate"}.get(kind, kind)
+            x = inputs[role.removesuffix(kind) + source] if role.startswith("experts.") else inputs[source]
+            # AWQ leaves q and k unclipped: their errors pass through softmax, not the output directly.
+            clipped = w[role] if kind in ("q", "k") else awq.search_clip(x, w[role], spec)
+            stored[role] = self.rtn(clipped, search=False)
+            set_weight(layer, role, stored[role])
+        return stored
+
+    def awq_gptq(self, layer: TorchLayer, index: int, src: np.memmap, report: LayerReport) -> dict:
+        """AWQ's activation-aware scales folded into the previous ops (as `awq`), then GPTQ rounds the scaled
+        linears on calibration inputs that pass through the scaled layer (llm-compressor stacks the two the
+        same way). The float layer is unchanged by the folding, so GPTQ's Hessians see the same model."""
+        self._awq_scale(layer, src, report)  # the scaled inputs are rebuilt stage by stage by GPTQ
+        return self.gptq(layer, index, src, report)
+
+    def _awq_scale(self, layer: TorchLayer, src: np.memmap, report: LayerReport) -> dict:
+        """Search and fold AWQ's scales into `layer`; returns each linear's scaled calibration input."""
         w, spec, hidden_size = layer.w, self.opts.spec, self.cfg.hidden_size
         pick = awq.search_sequences(src.shape[0], self.opts.awq_tokens, self.opts.seq_len)
         seqs = torch.from_numpy(np.array(src[pick])).to(self.device)  # whole sequences: attention needs them
@@ -187,17 +220,7 @@ class Recipe:
             s = awq.search_scales(hidden, [w[p + "down"]], spec)
             awq.fold_scales(w[p + "up"], [w[p + "down"]], s)
             inputs |= {p + "gate": x, p + "down": layer.swiglu_hidden(x, p)}
-        self.on_stage("clip")
-        stored = {}
-        for role in [r for r in w if self._quantized(r)]:
-            kind = role.rsplit(".", 1)[-1]
-            source = {"k": "q", "v": "q", "up": "gate"}.get(kind, kind)
-            x = inputs[role.removesuffix(kind) + source] if role.startswith("experts.") else inputs[source]
-            # AWQ leaves q and k unclipped: their errors pass through softmax, not the output directly.
-            clipped = w[role] if kind in ("q", "k") else awq.search_clip(x, w[role], spec)
-            stored[role] = self.rtn(clipped, search=False)
-            set_weight(layer, role, stored[role])
-        return stored
+        return inputs
 
     # -- lm_head ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -223,4 +246,8 @@ class Recipe:
 def _sharing(weight: torch.Tensor, template: GPTQ) -> GPTQ:
     g = GPTQ(weight)
     g.H, g.nsamples, g.tokens = template.H.clone(), template.nsamples, template.tokens
+    if template.halves is not None:
+        g.halves = tuple(copy.copy(h) for h in template.halves)
+        for h, t in zip(g.halves, template.halves):
+            h.H = t.H.clone()
     return g
