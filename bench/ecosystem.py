@@ -42,8 +42,6 @@ TOL = 1e-4  # float32 engines against the numpy runtime (logits)
 def _dequantize_all(model) -> dict:
     """name -> float32 [out, in] weight of every quantized linear, as GPTQModel's own unpacking gives it
     (before any forward: its CPU kernels repack the buffers into bfloat16 on the first call)."""
-    import torch
-
     out = {}
     for name, mod in model.named_modules():
         if not hasattr(mod, "qweight"):
