@@ -206,7 +206,7 @@ def test_target_bpw_hits_the_size_and_runs_in_llamacpp(model_dirs, tmp_path):
     assert 3.3 < bpw <= 3.6
     assert len({t.tensor_type for t in linears}) >= 2  # mixed, not one type everywhere
     model = open_model(str(out))
-    llama = LlamaCppEngine(out, model.config, max_seq_len=64, threads=1, f32_kv_cache=True)
+    llama = LlamaCppEngine(out, model.config, max_seq_len=64, threads=1, kv_type="f32")
     ids = model.tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)[:8]
     theirs = np.stack([llama.forward([t]) for t in ids])
     ours = numpy_engine_like_llamacpp(model.weights)
