@@ -322,6 +322,20 @@ def cost_section(c: dict) -> list[str]:
     return lines + [""]
 
 
+def kv_cache_section(k: dict) -> list[str]:
+    lines = ["## KV-cache types: perplexity cost on long text", "",
+             f"Data: {provenance(k)}. {k['model']} scored in {k['windows']} windows of {k['ctx']} tokens of held-out "
+             "English and Korean per engine, once per KV type the engine offers (`--kv-type`); the last column is "
+             "what that type's cache takes for Kanana-1.5-8B's shape at 32K context.", "",
+             "| engine | KV type | PPL en | PPL ko | Δ en vs f32 | Δ ko vs f32 | 8B cache at 32K GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in k["rows"]:
+        ref = next(x for x in k["rows"] if x["engine"] == r["engine"] and x["kv_type"] == "f32")
+        lines.append(f"| {r['engine']} | {r['kv_type']} | {r['en']:.4f} | {r['ko']:.4f} | {r['en'] - ref['en']:+.4f} | "
+                     f"{r['ko'] - ref['ko']:+.4f} | {r['kanana_8b_cache_gib_32k']} |")
+    return lines + [""]
+
+
 def ecosystem_section(e: dict, contract: dict | None) -> list[str]:
     """The compatibility table of bench/ecosystem.py: each output in each engine that claims to load it."""
     lines = ["## Ecosystem: which engines load which output", "",
@@ -410,6 +424,9 @@ def main() -> None:
         lines += serve_section(serve)
     if grammar:
         lines += grammar_section(grammar)
+    kv_cache = load("kv_cache")
+    if kv_cache:
+        lines += kv_cache_section(kv_cache)
     ecosystem = load("ecosystem")
     if ecosystem:
         lines += ecosystem_section(ecosystem, load("onnx_contract_speed"))

@@ -379,7 +379,7 @@ def test_hostile_inputs_get_openai_errors_and_the_server_survives(server):
 
 
 # A reply that cannot end before max_tokens whatever is sampled: a JSON string of at least 20,000 characters.
-LONG = {"type": "json_schema", "json_schema": {"name": "long", "schema": {"type": "string", "minLength": 20000}}}
+LONG = {"type": "json_schema", "json_schema": {"name": "long", "schema": {"type": "string", "minLength": 200000}}}
 
 
 def _stream_open(url: str, max_tokens: int):
@@ -416,21 +416,24 @@ def _wait_idle(url: str, seconds: float = 10) -> float:
     return time.monotonic() - start
 
 
-def test_full_queue_is_503_and_a_departed_client_frees_its_slot(loaded):
-    service = Service(loaded, Settings(engine="numpy", parallel=1, max_queue=0, api_key=KEY, name=NAME))
+def test_full_queue_is_503_and_a_departed_client_frees_its_slot(tmp_path):
+    # a 32K context, so that a request runs long enough (tens of seconds here) for an early stop to show
+    model = synth_model(tmp_path / NAME, {**TINY["dense"], "max_position_embeddings": 32768}, seed=7)
+    service = Service(open_model(str(model)), Settings(engine="numpy", parallel=1, max_queue=0, api_key=KEY,
+                                                       name=NAME))
     try:
         with running(service) as url:
-            conn, r = _stream_open(url, 3000)  # minutes of work if nobody stopped it
+            conn, r = _stream_open(url, 30000)
             status, headers, payload = raw(url, "POST", "/v1/chat/completions", chat_body())
             assert status == 503 and int(headers["Retry-After"]) >= 1
             assert json.loads(payload)["error"]["code"] == "server_busy"
             # what finishing the request would take at the current rate; being freed must take a fraction
-            left = 2900 * _seconds_per_event(r)
+            left = 29000 * _seconds_per_event(r)
             conn.close()  # the client leaves mid-stream
-            assert _wait_idle(url, left) < left / 4
+            assert _wait_idle(url, left) < left / 10
             # A non-streaming client that leaves is noticed too (the server polls while it waits).
             sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-            body = chat_body(max_tokens=3000, response_format=LONG)
+            body = chat_body(max_tokens=30000, response_format=LONG)
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " +
                          str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -439,7 +442,7 @@ def test_full_queue_is_503_and_a_departed_client_frees_its_slot(loaded):
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             sock.close()
-            assert _wait_idle(url, left) < left / 4
+            assert _wait_idle(url, left) < left / 10
             assert raw(url, "POST", "/v1/chat/completions", chat_body())[0] == 200
     finally:
         service.close()

@@ -177,11 +177,17 @@ async def _start(service: Service, gen: Generation, events: _Events):
 
 async def _collect(request: Request, service: Service, gen: Generation, events: _Events, first, build):
     collected = [first]
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + POLL_SECONDS
     try:
         while not isinstance(collected[-1], (Finish, Failure)):
             try:
                 collected.append(await asyncio.wait_for(events.next(), POLL_SECONDS))
             except asyncio.TimeoutError:
+                pass
+            # on a clock, not only when tokens pause: a fast model never pauses, and its client may be gone
+            if loop.time() >= check_at:
+                check_at = loop.time() + POLL_SECONDS
                 if await request.is_disconnected():
                     service.pool.cancel(gen)
                     return Response(status_code=499)
