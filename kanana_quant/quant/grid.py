@@ -92,20 +92,21 @@ def _extreme_params(extreme: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tenso
 
 def fit_params(w: torch.Tensor, spec: QuantSpec, search: bool = True,
                importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) for one group of columns w [rows, cols].
+    """Per-row (scale, zero) for one group of columns w [..., rows, cols] (leading dims: independent groups,
+    `importance` then [..., 1, cols]).
 
     With `search`, try range shrink factors (clipping) — and for symmetric grids both scale signs — and keep,
     per row, the one with the least squared error, weighted per column by `importance` (e.g. the diagonal
     of the GPTQ Hessian, i.e. mean squared activations) when given.
     """
-    xmin = torch.clamp(w.min(dim=1, keepdim=True).values, max=0)
-    xmax = torch.clamp(w.max(dim=1, keepdim=True).values, min=0)
+    xmin = torch.clamp(w.min(dim=-1, keepdim=True).values, max=0)
+    xmax = torch.clamp(w.max(dim=-1, keepdim=True).values, min=0)
     scale, zero = _range_params(xmin, xmax, spec)
     if not search:
         return scale, zero
-    weight = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if importance is None else importance
-    extreme = torch.gather(w, 1, w.abs().argmax(dim=1, keepdim=True))
-    best = torch.full((w.shape[0], 1), float("inf"), dtype=w.dtype, device=w.device)
+    weight = torch.ones(w.shape[-1], dtype=w.dtype, device=w.device) if importance is None else importance
+    extreme = torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True))
+    best = torch.full((*w.shape[:-1], 1), float("inf"), dtype=w.dtype, device=w.device)
     buf = torch.empty_like(w)  # one scratch tensor: fresh temporaries per candidate cost more than the math
     for shrink in CLIP_GRID:
         candidates = [_range_params(xmin * shrink, xmax * shrink, spec)]
@@ -114,7 +115,7 @@ def fit_params(w: torch.Tensor, spec: QuantSpec, search: bool = True,
         for s, z in candidates:
             # weight · (s·(clamp(round(w/s) + z) − z) − w)², the same operations as dequantize(quantize(·))
             torch.div(w, s, out=buf).round_().add_(z).clamp_(0, spec.maxq).sub_(z).mul_(s).sub_(w)
-            err = buf.square_().mul_(weight).sum(dim=1, keepdim=True)
+            err = buf.square_().mul_(weight).sum(dim=-1, keepdim=True)
             better = err < best
             best = torch.where(better, err, best)
             scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
