@@ -178,6 +178,36 @@ def _gguf_section_v1(g: dict) -> list[str]:
     return lines + [""]
 
 
+def tasks_section(t: dict) -> list[str]:
+    """speed.py --tasks: decode tokens/s per kind of task, each engine and mode against llama.cpp's plain
+    decode and llama-lookup measured in the same run."""
+    lines = ["## Task mode: prompt lookup and draft models on input-grounded prompts", "",
+             f"Data: {provenance(t)}. {t['protocol']}; {t['max_tokens']} tokens per answer, {t['threads']} threads, "
+             f"prompts `{Path(t['prompts']).name}`. llama.cpp: {t['llama_cpp_build'].get('configuration', '?')}. "
+             "Each cell: decode tokens/s (acceptance of drafted tokens); the × columns divide by llama.cpp's plain "
+             "decode on the same kind of task, and the line under each table by llama-lookup's.", ""]
+    for model, entry in t["models"].items():
+        summary = entry["summary"]
+        kinds = sorted({k for s in summary.values() for k in s})
+        lines += [f"**{model}**", "", "| engine, mode | " + " | ".join(kinds) + " | "
+                  + " | ".join(f"× llama.cpp plain ({k})" for k in kinds) + " |",
+                  "|---" * (1 + 2 * len(kinds)) + "|"]
+        plain, lookup = summary.get("llama.cpp plain", {}), summary.get("llama-lookup", {})
+        for key, per in summary.items():
+            cells = [f"{per[k]['decode_tok_s']}" + (f" ({per[k]['acceptance']:.2f})" if per[k].get("acceptance")
+                                                    is not None else "") if k in per else "–" for k in kinds]
+            ratios = [f"{per[k]['decode_tok_s'] / plain[k]['decode_tok_s']:.2f}" if k in per and k in plain else "–"
+                      for k in kinds]
+            lines.append(f"| {key} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        if lookup:
+            best = summary.get("onnxruntime lookup", {})
+            lines += ["", "onnxruntime with lookup over llama-lookup: " + ", ".join(
+                f"{k} {best[k]['decode_tok_s'] / lookup[k]['decode_tok_s']:.2f}×" for k in kinds
+                if k in best and k in lookup)]
+        lines.append("")
+    return lines
+
+
 def speed_section(s: dict, name: str) -> list[str]:
     lines = [f"## Speed: decode and prefill per engine ({name})", "",
              f"Data: {provenance(s)}, {s.get('threads', '?')} threads per engine. {s.get('protocol', '')}. "
@@ -416,7 +446,8 @@ def main() -> None:
     if gguf_quality:
         lines += gguf_section(gguf_quality)
     for path in sorted(RESULTS.glob("speed*.json")):
-        lines += speed_section(json.loads(path.read_text(encoding="utf-8")), path.stem)
+        result = json.loads(path.read_text(encoding="utf-8"))
+        lines += tasks_section(result) if "models" in result else speed_section(result, path.stem)
     if cost:
         lines += cost_section(cost)
     serve, grammar = load("serve"), load("grammar")
