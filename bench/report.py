@@ -199,6 +199,9 @@ def tasks_section(t: dict) -> list[str]:
             ratios = [f"{per[k]['decode_tok_s'] / plain[k]['decode_tok_s']:.2f}" if k in per and k in plain else "–"
                       for k in kinds]
             lines.append(f"| {key} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        if entry.get("identical_to_plain"):
+            lines += ["", "Answers token for token identical to the same engine's plain greedy decode: " + ", ".join(
+                f"{k} {v}" for k, v in entry["identical_to_plain"].items()) + "."]
         if lookup:
             best = summary.get("onnxruntime lookup", {})
             lines += ["", "onnxruntime with lookup over llama-lookup: " + ", ".join(

@@ -281,7 +281,7 @@ def task_mode(args) -> None:
             paths = smollm2_exports(args.work, env)
         else:
             paths = prepare(name, args.work, args.threads, "asym", args.layers, 128)["paths"]
-        entry = results["models"][name] = {"runs": {}, "summary": {}}
+        entry = results["models"][name] = {"runs": {}, "summary": {}, "identical_to_plain": {}}
         for engine in engines:
             for mode in args.modes.split(","):
                 if mode == "draft" and name not in drafts:
@@ -290,7 +290,11 @@ def task_mode(args) -> None:
                                        drafts.get(name))
                 key = f"{engine} {mode}"
                 entry["runs"][key], entry["summary"][key] = rows, tasks.summarise(rows)
-                print(name, key, entry["summary"][key], flush=True)
+                if mode != "plain" and f"{engine} plain" in entry["runs"]:
+                    entry["identical_to_plain"][key] = tasks.identical(rows, entry["runs"][f"{engine} plain"])
+                crashed = [r for r in rows if "crashed" in r]
+                print(name, key, entry["summary"][key], entry["identical_to_plain"].get(key, ""),
+                      f"CRASHED: {crashed[0]['stderr'][-300:]}" if crashed else "", flush=True)
         if args.llama_lookup:
             tokenizer = open_model(str(paths["llama.cpp"])).tokenizer
             rows = tasks.llama_lookup(Path(args.llama_lookup), paths["llama.cpp"], args.threads, args.max_tokens,

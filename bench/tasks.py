@@ -14,6 +14,7 @@ tokens after the first one over the time after it, so prefill is left out (it is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -63,7 +64,9 @@ def child(engine: str, path: str, mode: str, threads: int, max_tokens: int, draf
                           "tokens": len(tokens), "prefill_s": first - t0,
                           "decode_tok_s": (len(tokens) - 1) / max(end - first, 1e-9),
                           "proposed": decoding.adaptive.proposed, "accepted": decoding.adaptive.accepted,
-                          "forwards": decoding.forwards, "text": tok.decode(tokens)[:200]},
+                          "forwards": decoding.forwards, "text": tok.decode(tokens)[:200],
+                          # greedy drafting must not change a token: compared with plain decode's by the parent
+                          "tokens_sha1": hashlib.sha1(json.dumps(tokens).encode()).hexdigest()},
                          ensure_ascii=False), flush=True)
 
 
@@ -93,6 +96,13 @@ def llama_lookup(binary: Path, gguf: Path, threads: int, max_tokens: int, tokeni
                      "accept_pct": float(accept.group(1)) if accept else None,
                      **({} if speed else {"log_tail": log[-800:]})})
     return rows
+
+
+def identical(rows: list[dict], plain: list[dict]) -> str:
+    """How many answers are token for token plain greedy decoding's ("k/n")."""
+    same = sum(r.get("tokens_sha1") is not None and r.get("tokens_sha1") == p.get("tokens_sha1")
+               for r, p in zip(rows, plain))
+    return f"{same}/{len(plain)}"
 
 
 def summarise(rows: list[dict]) -> dict:
