@@ -244,6 +244,37 @@ def embed_command(
     log(f"wrote {out} ({len(texts)} x {vectors.shape[1]})")
 
 
+@app.command(name="eval-embed")
+def eval_embed(
+    model: str = ModelArg,
+    ref: Optional[str] = typer.Option(None, help="Float model to compare with: cosine similarity of every "
+                                                 "embedding to its own, and its retrieval scores."),
+    pairs: Optional[Path] = typer.Option(None, help="A .jsonl of {query, passage[, lang]} (default: the built-in "
+                                                    "203 Korean and English pairs)."),
+    instruction: Optional[str] = typer.Option(None, help="The queries' instruction (default: the built-in set's)."),
+    engine: str = EngineOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Retrieval accuracy (recall@1, MRR) on a bilingual query/passage set, and cosine similarity to --ref."""
+    from kanana_quant import retrieval
+
+    rows = retrieval.load_pairs(pairs)
+    loaded, encoder = _load_encoder(model, engine)
+    reference = _load_encoder(ref) if ref is not None else None
+    result = retrieval.evaluate(loaded, encoder, rows, reference, instruction or retrieval.INSTRUCTION)
+    result = {"model": str(loaded.path), "ref": None if ref is None else str(reference[0].path), **result}
+    if as_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    print(f"pairs: {result['pairs']}")
+    for name, scores in (("model", result["retrieval"]), ("reference", result.get("ref_retrieval"))):
+        for lang, s in (scores or {}).items():
+            print(f"{name} {lang}: recall@1 {s['recall@1']:.4f}, MRR {s['mrr']:.4f} ({s['queries']} queries)")
+    if ref is not None:
+        c = result["cosine_to_ref"]
+        print(f"cosine to reference: mean {c['mean']:.6f}, min {c['min']:.6f} over {c['texts']} texts")
+
+
 def _load_encoder(model: str, engine: str = "auto"):
     from kanana_quant.embed import embedding_config
     from kanana_quant.hub import resolve_model
