@@ -26,6 +26,8 @@ MAX_TEXTS = 100_000
 class Encoder(Protocol):
     """An engine that pools an embedding model's last hidden states (numpy, onnxruntime, llama.cpp)."""
 
+    name: str
+
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, pool_mask: np.ndarray) -> np.ndarray:
         """Right-padded int64 [B, T] batches → float32 [B, hidden]: the pool_mask-weighted mean."""
 
