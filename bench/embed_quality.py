@@ -2,7 +2,7 @@
 a bidirectional, mean-pooled encoder, quantized with RTN, GPTQ and AWQ at 4 and 3 bits (group 64), compared by
 cosine similarity with the float encoder's embeddings of real English and Korean text.
 
-    python bench/embed_quality.py [--passages 48] [--samples 64] [--seq-len 512]
+    python bench/embed_quality.py [--passages 48] [--pairs 0] [--samples 64] [--seq-len 512]
 
 SmolLM2 was not trained as an encoder, so its retrieval scores say little; what this measures is how far each
 quantizer moves the embeddings of a trained Llama backbone run the way Kanana2Vec runs. The float model is the
@@ -92,6 +92,7 @@ def embed_all(model, engine, texts: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passages", type=int, default=48, help="held-out passages per language")
+    parser.add_argument("--pairs", type=int, default=0, help="retrieval pairs per language (0 = all 203)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args()
@@ -100,6 +101,8 @@ def main() -> None:
     try:
         src = open_model(str(encoder_dir(smollm2_gguf(), work / "float")))
         pairs = load_pairs()
+        if args.pairs:
+            pairs = [p for p in pairs if p.lang == "en"][:args.pairs] + [p for p in pairs if p.lang == "ko"][:args.pairs]
         texts = {"en": passages(src.tokenizer, "en", args.passages), "ko": passages(src.tokenizer, "ko", args.passages),
                  "queries": [p.query for p in pairs], "pair passages": [p.passage for p in pairs]}
         ref = embed_all(src, NumpyEngine(src.weights, source=Dequantized(src.weights)), texts)
@@ -127,7 +130,7 @@ def main() -> None:
     command = " ".join(["embed_quality.py", *sys.argv[1:]])
     path = save("embed_quality", {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized) as a bidirectional mean-pooled encoder",
-        "texts": {k: len(v) for k, v in texts.items()}, "passage_tokens": PASSAGE_TOKENS,
+        "texts": {k: len(v) for k, v in texts.items()}, "passage_tokens": PASSAGE_TOKENS, "pairs": len(pairs),
         "calibration": f"builtin + query/passage pairs, {args.samples} x {args.seq_len}",
         "command": command, "date": time.strftime("%Y-%m-%d"), "rows": rows,
         "seconds": time.perf_counter() - started})

@@ -330,8 +330,9 @@ def embed_quality_section(q: dict) -> list[str]:
              f"float encoder's, per text (mean / minimum), on held-out English news and Korean law cut to "
              f"{q['passage_tokens']} tokens, and on the retrieval set's queries (with the instruction prefix) and "
              f"passages; texts: " + ", ".join(f"{k} {n}" for k, n in q["texts"].items()) +
-             f". Calibration: {q['calibration']}. Recall@1 / MRR: the quantized encoder on the 203-pair retrieval "
-             "set (SmolLM2 was not trained for retrieval: these say how much ranking moves, not how good it is).", "",
+             f". Calibration: {q['calibration']}. Recall@1 / MRR: the encoder on {q.get('pairs', 203)} pairs of the "
+             "retrieval set, half English, half Korean (SmolLM2 was not trained for retrieval: these say how much "
+             "ranking moves, not how good it is).", "",
              "| method | grid | " + " | ".join(f"cos {k} (mean / min)" for k in kinds) +
              " | cos all (mean / min) | recall@1 | MRR | quantize s |",
              "|---|---|" + "---|" * len(kinds) + "---|---|---|---|"]
@@ -365,7 +366,10 @@ def embed_speed_section(s: dict) -> list[str]:
              f"Data: {provenance(s)}. {s['model']}; {s['tokens_per_passage']}-token passages, {s['threads']} "
              "threads per engine, each engine and batch size in its own process after one untimed batch; best "
              "(median) of the timed batches. Files: " +
-             ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in s["file_bytes"].items()) + ".", "",
+             ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in s["file_bytes"].items()) + ". Load average (1, 5, "
+             f"15 min) before / after the runs: {s['load_average_1_5_15']['before']} / "
+             f"{s['load_average_1_5_15']['after']} on {s['machine'].get('cores', '?')} cores (other jobs shared "
+             "the machine when it is above the thread count).", "",
              "| batch | onnxruntime embeddings/s | numpy embeddings/s | onnxruntime / numpy | peak RSS GiB: "
              "onnxruntime | numpy |",
              "|---|---|---|---|---|---|"]
