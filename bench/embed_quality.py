@@ -73,12 +73,17 @@ class Dequantized:
 
 
 def passages(tokenizer, lang: str, count: int) -> list[str]:
-    """The first `count` paragraphs of at least 200 characters, each cut to PASSAGE_TOKENS tokens."""
-    out = []
-    for para in heldout_text(lang).split("\n"):
-        if len(para.strip()) >= 200:
-            ids = tokenizer.encode(para.strip())[:PASSAGE_TOKENS - 1]
-            out.append(tokenizer.decode(ids).rstrip("\ufffd").strip())  # a cut inside a character
+    """`count` passages of PASSAGE_TOKENS tokens: consecutive non-empty lines joined (Korean law is written in
+    short articles) until the passage is long enough, then cut."""
+    out, lines = [], []
+    for line in heldout_text(lang).splitlines():
+        if line.strip():
+            lines.append(line.strip())
+        if len(" ".join(lines)) < 400:
+            continue
+        ids = tokenizer.encode(" ".join(lines))[:PASSAGE_TOKENS - 1]
+        out.append(tokenizer.decode(ids).rstrip("\ufffd").strip())  # a cut inside a character
+        lines = []
         if len(out) == count:
             break
     return out

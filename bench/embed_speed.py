@@ -6,7 +6,7 @@ the quantized checkpoint it came from, and each run's peak RSS.
 
 The model is synthesised (`synth --preset kanana-nano-2.1b-embedding`, BF16), quantized with RTN 4-bit g128
 (no clipping search) and exported to ONNX (default export: MatMulNBits at accuracy level 4, int8 activations); both are cached in
---work. Each (engine, batch) runs in its own process: load, one untimed batch as warm-up, then `rounds` timed
+--work. Each (engine, batch) runs in its own process: load, one untimed passage as warm-up, then `rounds` timed
 batches of 128-token passages cut from our held-out text (BOS + 127 tokens, all pooled); peak RSS is the
 process's (ru_maxrss).
 """
@@ -78,13 +78,13 @@ def child(engine: str, path: str, batch: int, rounds: int, threads: int) -> None
 
     t0 = time.perf_counter()
     loaded = open_model(path)
-    encoder = open_encoder(loaded, engine, threads=threads)
+    encoder = open_encoder(loaded, engine, threads=threads, isolated=False)  # this process: its peak RSS
     load = time.perf_counter() - t0
     rows = passages(loaded.tokenizer, batch * (rounds + 1))
     arrays = [batch_arrays([Encoded(r, 0) for r in rows[i * batch:(i + 1) * batch]], pad_token_id(loaded.config))
               for i in range(rounds + 1)]
     assert all(a[0].shape == (batch, TOKENS) for a in arrays)
-    encoder.encode(*arrays[0])  # warm-up
+    encoder.encode(*(a[:1] for a in arrays[0]))  # warm-up: one passage pages the weights in
     times = []
     for a in arrays[1:]:
         t0 = time.perf_counter()

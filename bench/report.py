@@ -364,7 +364,7 @@ def embed_speed_section(s: dict) -> list[str]:
     gib = 1 << 30
     lines = ["## Embedding speed (kanana-nano-2.1b-embedding shape)", "",
              f"Data: {provenance(s)}. {s['model']}; {s['tokens_per_passage']}-token passages, {s['threads']} "
-             "threads per engine, each engine and batch size in its own process after one untimed batch; best "
+             "threads per engine, each engine and batch size in its own process after one untimed passage; best "
              "(median) of the timed batches. Files: " +
              ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in s["file_bytes"].items()) + ". Load average (1, 5, "
              f"15 min) before / after the runs: {s['load_average_1_5_15']['before']} / "

@@ -60,3 +60,21 @@ def test_int8_activations_stay_close(sources, tmp_path):
     ours = embed(NumpyEngine(src.weights), src.tokenizer, src.config, TEXTS)
     cos = (got * ours).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ours, axis=1)
     assert cos.min() > 0.99
+
+
+def test_a_crashed_encoder_is_one_error(sources, tmp_path):
+    """onnxruntime runs in a child process for embeddings too: its death is EngineCrashed, not ours."""
+    import os
+    import signal
+
+    from kanana_quant.embed import Encoded, batch_arrays
+    from kanana_quant.errors import EngineCrashed
+
+    exported = open_model(str(export_onnx(open_model(str(sources["float"])), tmp_path / "onnx").path))
+    encoder = open_encoder(exported, "onnxruntime")
+    batch = batch_arrays([Encoded([1, 2, 3], 0)], 0)
+    assert encoder.encode(*batch).shape == (1, 128)
+    os.kill(encoder._child.pid, signal.SIGKILL)
+    encoder._child.wait()
+    with pytest.raises(EngineCrashed, match=r"onnxruntime crashed \(signal SIGKILL\)"):
+        encoder.encode(*batch)

@@ -100,9 +100,10 @@ def open_engine(loaded, engine: str = "auto", max_seq_len: int | None = None, th
     return OnnxEngine(loaded.path, max_seq_len=max_seq_len, threads=threads)
 
 
-def open_encoder(loaded, engine: str = "auto", threads: int | None = None):
-    """The engine that runs an embedding model (embed.Encoder), in this process: numpy (any format),
-    onnxruntime (an ONNX export) or llama.cpp (a .gguf in its embedding mode)."""
+def open_encoder(loaded, engine: str = "auto", threads: int | None = None, isolated: bool = True):
+    """The engine that runs an embedding model (embed.Encoder): numpy (any format), onnxruntime (an ONNX
+    export) or llama.cpp (a .gguf in its embedding mode); the native two in a child process unless `isolated`
+    is False (POSIX only), as open_engine's."""
     from kanana_quant.embed import embedding_config
 
     emb = embedding_config(loaded.config, str(loaded.path))
@@ -114,6 +115,10 @@ def open_encoder(loaded, engine: str = "auto", threads: int | None = None):
         from kanana_quant.runtimes.numpy_engine import NumpyEngine
 
         return NumpyEngine(loaded.weights, max_seq_len=emb.max_length)
+    if isolated and os.name == "posix":
+        from kanana_quant.runtimes.isolated import IsolatedEncoder
+
+        return IsolatedEncoder(engine, loaded.path, threads=threads)
     if engine == "onnxruntime":
         from kanana_quant.runtimes.onnx_engine import OnnxEncoder
 
