@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--numpy-rounds", type=int, default=1, help="timed batches in the numpy runtime (slow)")
+    parser.add_argument("--numpy-batches", default="1", help="batch sizes to time in the numpy runtime: it embeds "
+                        "a batch row by row (NumpyEngine.encode), so batch 16 takes 16 times batch 1")
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--child", nargs=4, metavar=("ENGINE", "PATH", "BATCH", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,9 +119,12 @@ def main() -> None:
            "MKL_NUM_THREADS": str(args.threads)}
     runs = []
     load_before = os.getloadavg()  # other work on the machine shows here: the runs below share its cores
+    numpy_batches = {int(b) for b in args.numpy_batches.split(",")}
     for batch in BATCHES:
         for engine, model, rounds in (("onnxruntime", paths["onnx"], args.rounds),
                                       ("numpy", paths["rtn"], args.numpy_rounds)):
+            if engine == "numpy" and batch not in numpy_batches:
+                continue
             cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", engine, str(model),
                    str(batch), str(rounds)]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
