@@ -369,6 +369,72 @@ def kv_cache_section(k: dict) -> list[str]:
     return lines + [""]
 
 
+def embed_quality_section(q: dict) -> list[str]:
+    """bench/embed_quality.py: each quantizer's embeddings against the float encoder's, on real text."""
+    kinds = [k for k in ("en", "ko", "queries", "pair passages") if k in q["texts"]]
+    lines = ["## Embedding fidelity on real weights (SmolLM2-135M as a bidirectional encoder)", "",
+             f"Data: {provenance(q)}. {q['model']}; cosine similarity of each quantized encoder's embedding to the "
+             f"float encoder's, per text (mean / minimum), on held-out English news and Korean law cut to "
+             f"{q['passage_tokens']} tokens, and on the retrieval set's queries (with the instruction prefix) and "
+             f"passages; texts: " + ", ".join(f"{k} {n}" for k, n in q["texts"].items()) +
+             f". Calibration: {q['calibration']}. Recall@1 / MRR: the encoder on {q.get('pairs', 203)} pairs of the "
+             "retrieval set, half English, half Korean (SmolLM2 was not trained for retrieval: these say how much "
+             "ranking moves, not how good it is).", "",
+             "| method | grid | " + " | ".join(f"cos {k} (mean / min)" for k in kinds) +
+             " | cos all (mean / min) | recall@1 | MRR | quantize s |",
+             "|---|---|" + "---|" * len(kinds) + "---|---|---|---|"]
+    for r in q["rows"]:
+        ret = r["retrieval"]["all"]
+        if r["method"] == "float":
+            lines.append("| float | – | " + " | ".join("1 / 1" for _ in kinds) +
+                         f" | 1 / 1 | {ret['recall@1']:.3f} | {ret['mrr']:.3f} | – |")
+            continue
+        grid = f"{r['bits']}-bit g{r['group']} {'sym' if r['sym'] else 'asym'}"
+        cells = " | ".join(f"{r['cosine'][k]['mean']:.5f} / {r['cosine'][k]['min']:.4f}" for k in kinds)
+        lines.append(f"| {r['method']} | {grid} | {cells} | {r['cosine_all']['mean']:.5f} / "
+                     f"{r['cosine_all']['min']:.4f} | {ret['recall@1']:.3f} | {ret['mrr']:.3f} | "
+                     f"{r['quantize_seconds']:.0f} |")
+    by = {(r["method"], r.get("bits")): r for r in q["rows"]}
+    notes = []
+    for bits in sorted({r.get("bits") for r in q["rows"] if r.get("bits")}, reverse=True):
+        g, rtn = by.get(("gptq", bits)), by.get(("rtn", bits))
+        if g and rtn:
+            gap = lambda r: 1 - r["cosine_all"]["mean"]  # noqa: E731
+            notes.append(f"{bits}-bit: GPTQ's mean cosine distance {gap(g):.5f} vs RTN's {gap(rtn):.5f} "
+                         f"({gap(g) / gap(rtn):.2f}x)")
+    return lines + ["", "; ".join(notes) + ".", ""] if notes else lines + [""]
+
+
+def embed_speed_section(s: dict) -> list[str]:
+    """bench/embed_speed.py: embeddings per second, onnxruntime vs numpy, at batch 1 and 16."""
+    runs = {(r["engine"], r["batch"]): r for r in s["runs"]}
+    gib = 1 << 30
+    lines = ["## Embedding speed (kanana-nano-2.1b-embedding shape)", "",
+             f"Data: {provenance(s)}. {s['model']}; {s['tokens_per_passage']}-token passages, {s['threads']} "
+             "threads per engine, each engine and batch size in its own process after one untimed passage; best "
+             "(median) of the timed batches. Files: " +
+             ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in s["file_bytes"].items()) + ". Load average (1, 5, "
+             f"15 min) before / after the runs: {s['load_average_1_5_15']['before']} / "
+             f"{s['load_average_1_5_15']['after']} on {s['machine'].get('cores', '?')} cores (other jobs shared "
+             "the machine when it is above the thread count).", "",
+             "| batch | onnxruntime embeddings/s | numpy embeddings/s | onnxruntime / numpy | peak RSS GiB: "
+             "onnxruntime | numpy |",
+             "|---|---|---|---|---|---|"]
+    for batch in sorted({b for _, b in runs}):
+        o, n = runs.get(("onnxruntime", batch)), runs.get(("numpy", batch))
+        if not o:
+            continue
+        if n:
+            cells = (f"{n['embeddings_per_s_best']:.4f} ({n['embeddings_per_s_median']:.4f}) | "
+                     f"{o['embeddings_per_s_best'] / n['embeddings_per_s_best']:.0f}x")
+            rss = f"{n['peak_rss_bytes'] / gib:.2f}"
+        else:  # numpy embeds a batch row by row: its rate is batch 1's (not timed, 16 x as long)
+            cells, rss = "not timed (row by row: batch 1's rate) | –", "–"
+        lines.append(f"| {batch} | {o['embeddings_per_s_best']:.3f} ({o['embeddings_per_s_median']:.3f}) | {cells} | "
+                     f"{o['peak_rss_bytes'] / gib:.2f} | {rss} |")
+    return lines + [""]
+
+
 def ecosystem_section(e: dict, contract: dict | None) -> list[str]:
     """The compatibility table of bench/ecosystem.py: each output in each engine that claims to load it."""
     lines = ["## Ecosystem: which engines load which output", "",
@@ -461,6 +527,11 @@ def main() -> None:
     kv_cache = load("kv_cache")
     if kv_cache:
         lines += kv_cache_section(kv_cache)
+    embed_speed, embed_quality = load("embed_speed"), load("embed_quality")
+    if embed_speed:
+        lines += embed_speed_section(embed_speed)
+    if embed_quality:
+        lines += embed_quality_section(embed_quality)
     ecosystem = load("ecosystem")
     if ecosystem:
         lines += ecosystem_section(ecosystem, load("onnx_contract_speed"))

@@ -15,17 +15,21 @@ from kanana_quant.tokenizer import Tokenizer
 
 BUILTIN = "builtin"
 BUILTIN_FILES = ("data/bilingual_train.txt", "data/calib_en.txt")  # documents split on blank lines
+# Query/document pairs (Korean and English, queries in the instruction format) joined to the built-in set for
+# embedding models: an encoder is calibrated on the inputs it embeds. Decoders keep the set above unchanged, so
+# their calibration (and the measured results) stay as they were.
+ENCODER_FILES = ("data/calib_pairs.txt",)
 MAX_CALIB_BYTES = 1 << 30
 _TURN = re.compile(r"^(User|Assistant|사용자|어시스턴트):\s?", re.MULTILINE)
 
 
-def builtin_documents() -> list[str]:
+def builtin_documents(encoder: bool = False) -> list[str]:
     """Our bilingual set: Korean and English prose, chat turns, code, math and JSON tool calls. The
     Korean-heavy bilingual_train.txt (which also trains the test tokenizer) is balanced by calib_en.txt,
     original English text, so GPTQ/AWQ are not calibrated mostly on Korean."""
     package = resources.files("kanana_quant")
     docs = []
-    for name in BUILTIN_FILES:
+    for name in BUILTIN_FILES + (ENCODER_FILES if encoder else ()):
         text = package.joinpath(name).read_text(encoding="utf-8")
         docs += [d.strip() for d in text.split("\n\n") if d.strip()]
     return docs
@@ -87,9 +91,9 @@ def _dataset_documents(dataset_id: str, limit: int = 20000) -> list:
     return docs
 
 
-def load_documents(source: str) -> list:
+def load_documents(source: str, encoder: bool = False) -> list:
     if source == BUILTIN:
-        return builtin_documents()
+        return builtin_documents(encoder)
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
@@ -104,13 +108,15 @@ def load_documents(source: str) -> list:
                            "folder, or a Hugging Face dataset id)")
 
 
-def calibration_ids(tokenizer: Tokenizer, source: str, samples: int, seq_len: int, seed: int = 0) -> np.ndarray:
+def calibration_ids(tokenizer: Tokenizer, source: str, samples: int, seq_len: int, seed: int = 0,
+                    encoder: bool = False) -> np.ndarray:
     """[samples, seq_len] token windows drawn at random offsets from the concatenated documents, each
-    document starting with BOS as the model sees text at inference."""
+    document starting with BOS as the model sees text at inference. `encoder`: the built-in set with the
+    query/document pairs (an encoder attends both ways, so a window spanning documents is still read whole)."""
     if samples < 1 or seq_len < 8:
         raise KananaQuantError(f"--samples must be >= 1 and --seq-len >= 8, got {samples} and {seq_len}")
     stream: list[int] = []
-    for doc in load_documents(source):
+    for doc in load_documents(source, encoder):
         messages = doc if isinstance(doc, list) else _as_messages(doc)
         if messages:
             stream += tokenizer.encode_chat(messages, add_generation_prompt=False)

@@ -43,6 +43,9 @@ class HFCheckpoint:
         self._where = self._weight_map()  # HF name -> shard file name
         self.moe_layout = names.moe_layout(self.config, self._where)
         self._hf = names.hf_name_map(self.config, self.moe_layout)
+        if self.config.embedding and names.GLOBAL_HF["embed"] not in self._where:
+            # a bare LlamaModel's save_pretrained has no "model." prefix (Kanana2VecModel's does)
+            self._hf = {k: v.removeprefix("model.") for k, v in self._hf.items()}
         self._check_tensors()
 
     def _weight_map(self) -> dict[str, str]:

@@ -88,6 +88,9 @@ def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json", he
                                              "expert_intermediate": cfg.moe.expert_intermediate_size,
                                              "norm_topk_prob": cfg.moe.norm_topk_prob,
                                              "naming": cfg.moe.naming},
+        "embedding": None if cfg.embedding is None else {
+            "pooling": cfg.embedding.pooling, "attention": "bidirectional", "dimensions": list(cfg.embedding.dimensions),
+            "max_length": cfg.embedding.max_length, "instruction_pooled": cfg.embedding.pool_instruction},
         "quantization": ckpt.format.to_hf() if ckpt.format is not None else None,
     }
     if as_json:
@@ -105,7 +108,7 @@ def info(model: str = ModelArg, as_json: bool = typer.Option(False, "--json", he
 def synth(
     out: Path = typer.Option(..., "-o", "--out", help="Output model directory."),
     preset: Optional[str] = typer.Option(None, help="Full-size Kanana preset, e.g. kanana-1.5-2.1b."),
-    tiny: Optional[str] = typer.Option(None, help="Tiny test model: dense, moe (Mixtral) or qwen-moe."),
+    tiny: Optional[str] = typer.Option(None, help="Tiny test model: dense, moe (Mixtral), qwen-moe or embedding (Kanana2Vec)."),
     seed: int = typer.Option(0, help="Random seed for the weights."),
     dtype: str = typer.Option("", help="F32, F16 or BF16 (default: F32 for tiny, BF16 for presets)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
@@ -208,6 +211,89 @@ def evaluate(
         print(f"reference perplexity: {result['ref_perplexity']:.4f}")
         print(f"KL divergence from reference: {result['kl_divergence']:.6f} nats/token")
     print(f"perplexity: {result['perplexity']:.4f}")
+
+
+@app.command(name="embed")
+def embed_command(
+    model: str = ModelArg,
+    text: Optional[list[str]] = typer.Option(None, "--text", help="A text to embed (repeat for more)."),
+    file: Optional[Path] = typer.Option(None, "--file", help="UTF-8 file with one text per line (blank lines skipped)."),
+    instruction: Optional[str] = typer.Option(None, help="Embed the texts as queries with this instruction "
+                                                         "(documents take none)."),
+    dim: Optional[int] = typer.Option(None, help="Output size: a Matryoshka size the model declares (default: all)."),
+    normalize: bool = typer.Option(False, help="Scale each embedding to unit length."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write OUT.npy (float32 [n, dim]) or OUT.jsonl "
+                                                                 "(text + embedding per line) instead of printing."),
+    engine: str = EngineOption,
+    batch_size: int = typer.Option(16, help="Texts per forward."),
+):
+    """Embeddings of texts with an embedding model, one row per text (JSON lines on stdout, or -o)."""
+    from kanana_quant.embed import read_texts, write_embeddings
+
+    texts = read_texts(text, file)
+    if out is not None and out.suffix not in (".npy", ".jsonl"):
+        raise KananaQuantError(f"-o {out}: write a .npy or .jsonl file")
+    loaded, encoder = _load_encoder(model, engine)
+    vectors = _embed(loaded, encoder, texts, instruction=instruction, dim=dim, normalize=normalize,
+                     batch_size=batch_size)
+    if out is None:
+        for i, row in enumerate(vectors):
+            print(json.dumps({"index": i, "embedding": [float(v) for v in row]}))
+        return
+    write_embeddings(out, texts, vectors)
+    log(f"wrote {out} ({len(texts)} x {vectors.shape[1]})")
+
+
+@app.command(name="eval-embed")
+def eval_embed(
+    model: str = ModelArg,
+    ref: Optional[str] = typer.Option(None, help="Float model to compare with: cosine similarity of every "
+                                                 "embedding to its own, and its retrieval scores."),
+    pairs: Optional[Path] = typer.Option(None, help="A .jsonl of {query, passage[, lang]} (default: the built-in "
+                                                    "203 Korean and English pairs)."),
+    instruction: Optional[str] = typer.Option(None, help="The queries' instruction (default: the built-in set's)."),
+    engine: str = EngineOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Retrieval accuracy (recall@1, MRR) on a bilingual query/passage set, and cosine similarity to --ref."""
+    from kanana_quant import retrieval
+
+    rows = retrieval.load_pairs(pairs)
+    loaded, encoder = _load_encoder(model, engine)
+    reference = _load_encoder(ref) if ref is not None else None
+    result = retrieval.evaluate(loaded, encoder, rows, reference, instruction or retrieval.INSTRUCTION)
+    result = {"model": str(loaded.path), "ref": None if ref is None else str(reference[0].path), **result}
+    if as_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    print(f"pairs: {result['pairs']}")
+    for name, scores in (("model", result["retrieval"]), ("reference", result.get("ref_retrieval"))):
+        for lang, s in (scores or {}).items():
+            print(f"{name} {lang}: recall@1 {s['recall@1']:.4f}, MRR {s['mrr']:.4f} ({s['queries']} queries)")
+    if ref is not None:
+        c = result["cosine_to_ref"]
+        print(f"cosine to reference: mean {c['mean']:.6f}, min {c['min']:.6f} over {c['texts']} texts")
+
+
+def _load_encoder(model: str, engine: str = "auto"):
+    from kanana_quant.embed import embedding_config
+    from kanana_quant.hub import resolve_model
+    from kanana_quant.loader import open_model
+    from kanana_quant.runtimes.engines import open_encoder, resolve_engine
+
+    resolve_engine(engine, resolve_model(model))
+    loaded = open_model(model)
+    embedding_config(loaded.config, str(loaded.path))
+    return loaded, open_encoder(loaded, engine)
+
+
+def _embed(loaded, encoder, texts, **kw):
+    from kanana_quant.embed import embed
+
+    start = time.perf_counter()
+    vectors = embed(encoder, loaded.tokenizer, loaded.config, texts, source=str(loaded.path), **kw)
+    log(f"[dim]{len(texts)} texts in {time.perf_counter() - start:.2f} s[/dim]")
+    return vectors
 
 
 @app.command()

@@ -9,9 +9,14 @@ from pathlib import Path
 from kanana_quant import kanana
 from kanana_quant.errors import KananaQuantError, confined, read_json_object
 
+# Embedding models on a Llama backbone: Kanana2VecModel (its pooling and attention are Kanana facts, kanana.py)
+# and Llama-backbone encoders whose config.json declares them with the keys below.
+EMBEDDING_ARCHITECTURES = (kanana.EMBEDDING_ARCHITECTURE, "LlamaModel", "LlamaBidirectionalModel", "BiLlamaModel")
+POOLINGS = ("mean",)
 # Architecture class -> (our family name, MoE tensor naming or None).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", None),
+    **{arch: ("llama", None) for arch in EMBEDDING_ARCHITECTURES},
     "MixtralForCausalLM": ("mixtral", "mixtral"),
     "Qwen3MoeForCausalLM": ("qwen3_moe", "qwen"),
 }
@@ -61,6 +66,21 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class EmbeddingConfig:
+    """How an embedding model turns hidden states into one vector per text.
+
+    Read from config.json keys `pooling` ("mean"), `is_causal` (false), `matryoshka_dimensions` (sizes the
+    model was trained to be cut to), `query_prefix` (with {instruction}) and `pool_instruction` (whether the
+    query prefix is pooled); a Kanana2VecModel config needs none of them (defaults: kanana.py)."""
+
+    pooling: str
+    query_prefix: str
+    pool_instruction: bool  # False: the prefix's tokens (BOS included) are left out of the mean
+    max_length: int
+    dimensions: tuple[int, ...]  # allowed output sizes, the full one last
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     family: str
@@ -82,6 +102,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    embedding: EmbeddingConfig | None = None  # an encoder: bidirectional attention, pooled, no lm_head
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -91,6 +112,15 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def causal(self) -> bool:
+        return self.embedding is None
+
+    @property
+    def has_lm_head(self) -> bool:
+        """Whether lm_head is a tensor of its own (not tied to the embedding, and not an encoder)."""
+        return self.embedding is None and not self.tie_word_embeddings
 
     @classmethod
     def from_hf(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
@@ -120,7 +150,7 @@ class ModelConfig:
             layer += self.moe.num_experts * (h + 3 * h * self.moe.expert_intermediate_size)
         else:
             layer += 3 * h * self.intermediate_size
-        heads = 1 if self.tie_word_embeddings else 2
+        heads = 2 if self.has_lm_head else 1
         return self.num_layers * layer + heads * self.vocab_size * h + h
 
 
@@ -136,9 +166,10 @@ def _parse(raw: dict, source: str) -> ModelConfig:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise KananaQuantError(
             f"{source}: unsupported architecture {_short(archs)}; kanana-quant supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (dense Kanana and Mixtral/Qwen-MoE-named MoE)"
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (dense Kanana, Llama-backbone embedding models and Mixtral/Qwen-MoE-named MoE)"
         )
     family, moe_naming = SUPPORTED_ARCHITECTURES[arch]
+    embedding = _parse_embedding(raw, source, arch) if arch in EMBEDDING_ARCHITECTURES else None
     if raw.get("hidden_act", "silu") != "silu":
         raise KananaQuantError(f"{source}: hidden_act {_short(raw['hidden_act'])} is not supported (only silu)")
     if raw.get("mlp_bias"):
@@ -183,6 +214,7 @@ def _parse(raw: dict, source: str) -> ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(eps),
+        embedding=embedding and _check_dimensions(embedding, hidden, source),
         rope_theta=rope_theta,
         max_position_embeddings=need("max_position_embeddings"),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -195,6 +227,45 @@ def _parse(raw: dict, source: str) -> ModelConfig:
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
         raw=raw,
     )
+
+
+def _parse_embedding(raw: dict, source: str, arch: str) -> EmbeddingConfig:
+    kanana2vec = arch == kanana.EMBEDDING_ARCHITECTURE
+    pooling = raw.get("pooling", kanana.EMBEDDING_POOLING if kanana2vec else None)
+    if pooling is None:
+        raise KananaQuantError(f"{source}: {arch} as an embedding model needs 'pooling': 'mean' and "
+                               "'is_causal': false in config.json (kanana-quant runs mean-pooled bidirectional encoders)")
+    if pooling not in POOLINGS:
+        raise KananaQuantError(f"{source}: pooling {_short(pooling)} is not supported; kanana-quant pools "
+                               f"embeddings by {', '.join(POOLINGS)} (set 'pooling': 'mean')")
+    causal = raw.get("is_causal", False if kanana2vec else None)
+    if causal is not False:
+        mode = "missing" if causal is None else _short(causal)
+        raise KananaQuantError(f"{source}: attention mode is_causal={mode} is not supported for {arch}; "
+                               "kanana-quant runs embedding models with bidirectional attention ('is_causal': false)")
+    prefix = raw.get("query_prefix", kanana.EMBEDDING_QUERY_PREFIX)
+    if not isinstance(prefix, str) or "{instruction}" not in prefix:
+        raise KananaQuantError(f"{source}: 'query_prefix' must be a string containing {{instruction}}, "
+                               f"got {_short(prefix)}")
+    pool_instruction = raw.get("pool_instruction", False)
+    if not isinstance(pool_instruction, bool):
+        raise KananaQuantError(f"{source}: 'pool_instruction' must be true or false, got {_short(pool_instruction)}")
+    dims = raw.get("matryoshka_dimensions") or []
+    if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        raise KananaQuantError(f"{source}: 'matryoshka_dimensions' must be a list of positive integers, "
+                               f"got {_short(dims)}")
+    max_length = raw.get("max_length", kanana.EMBEDDING_MAX_LENGTH)
+    return EmbeddingConfig(pooling, prefix, pool_instruction, _positive(source, "max_length", max_length),
+                           tuple(sorted(set(dims))))
+
+
+def _check_dimensions(embedding: EmbeddingConfig, hidden: int, source: str) -> EmbeddingConfig:
+    over = [d for d in embedding.dimensions if d > hidden]
+    if over:
+        raise KananaQuantError(f"{source}: matryoshka_dimensions {over} exceed hidden_size {hidden}")
+    dims = tuple(d for d in embedding.dimensions if d != hidden) + (hidden,)
+    return EmbeddingConfig(embedding.pooling, embedding.query_prefix, embedding.pool_instruction,
+                           embedding.max_length, dims)
 
 
 def _positive(source: str, key: str, value, limit: int = MAX_DIM) -> int:

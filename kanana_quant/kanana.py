@@ -153,3 +153,24 @@ PRESETS: dict[str, dict] = {
         "tie_word_embeddings": False,
     },
 }
+
+
+# --- Embedding model: kanana-nano-2.1b-embedding (shared/reference/kanana-models.md, "Embedding model") ---
+# Kanana2VecModel is a Llama backbone (tensors under "model.", no lm_head) whose attention is bidirectional on
+# every layer (the mask hides only padding); the embedding is the mean of the final-norm hidden states over
+# the tokens, with the instruction prefix of a query (BOS included: it is tokenized with the prefix) left out.
+# Upstream loads it with trust_remote_code; we never run that code, the forward is ours.
+EMBEDDING_ARCHITECTURE = "Kanana2VecModel"
+EMBEDDING_POOLING = "mean"
+# A query is "{prefix} {text}" with this prefix; a document is its text alone (both stripped).
+EMBEDDING_QUERY_PREFIX = "Instruct: {instruction}\nQuery:"
+EMBEDDING_MAX_LENGTH = 512  # tokens, BOS included; longer texts are truncated
+# Padding is EOS (right-padded batches; RoPE positions count from 0 in every row).
+
+PRESETS["kanana-nano-2.1b-embedding"] = {
+    **PRESETS["kanana-nano-2.1b"],
+    "architectures": [EMBEDDING_ARCHITECTURE],
+    "model_type": "kanana2vec",
+    "eos_token_id": EOS_TOKEN_ID,
+    "pad_token_id": EOS_TOKEN_ID,
+}

@@ -52,7 +52,8 @@ class TorchLayer:
         return rms_norm(x, self.w["attn_norm"], self.cfg.rms_norm_eps)
 
     def attention_context(self, xn: torch.Tensor) -> torch.Tensor:
-        """Causal GQA attention up to (not including) o_proj: [B, T, heads·head_dim]."""
+        """GQA attention up to (not including) o_proj: [B, T, heads·head_dim]; causal for decoders,
+        bidirectional for encoders (calibration windows have no padding, so no mask is needed)."""
         cfg = self.cfg
         b, t, _ = xn.shape
         q = self.linear(xn, "q").view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -63,7 +64,7 @@ class TorchLayer:
             k = rms_norm(k, self.w["k_norm"], cfg.rms_norm_eps)
         cos, sin = self.cos[:t], self.sin[:t]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal, enable_gqa=True)
         return ctx.transpose(1, 2).reshape(b, t, cfg.q_size)
 
     def after_attention(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ def canonical_names(cfg: ModelConfig) -> list[str]:
     for i in range(cfg.num_layers):
         names += [f"layers.{i}.{r}" for r in layer_roles(cfg)]
     names.append("norm")
-    if not cfg.tie_word_embeddings:
+    if cfg.has_lm_head:
         names.append("lm_head")
     return names
 

@@ -51,6 +51,10 @@ TINY: dict[str, dict] = {
     "qwen-moe": {**_TINY_COMMON, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
                  "intermediate_size": 128, "moe_intermediate_size": 64, "num_experts": 8,
                  "num_experts_per_tok": 2, "norm_topk_prob": True, "tie_word_embeddings": False},
+    # Kanana2Vec-shaped: the dense backbone under "model.", no lm_head, bidirectional, mean-pooled.
+    "embedding": {**_TINY_COMMON, "architectures": [kanana.EMBEDDING_ARCHITECTURE], "model_type": "kanana2vec",
+                  "intermediate_size": 192, "mlp_bias": False, "tie_word_embeddings": True,
+                  "eos_token_id": TINY_BPE_VOCAB + 1, "pad_token_id": TINY_BPE_VOCAB + 1},
 }
 
 

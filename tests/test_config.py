@@ -41,10 +41,15 @@ def test_parameter_count_matches_transformers(preset):
     # transformers 5.x refuses hidden_size % heads != 0 even with an explicit head_dim (Kanana-Nano:
     # 1792 / 24), though its modeling code only uses head_dim: build with 8 heads, then set the real count.
     heads = raw.pop("num_attention_heads")
-    hf_config = transformers.AutoConfig.for_model(raw.pop("model_type"), num_attention_heads=8, **raw)
+    model_type = raw.pop("model_type")
+    encoder = model_type == "kanana2vec"  # Kanana2VecModel is a LlamaModel (no lm_head): count that
+    hf_config = transformers.AutoConfig.for_model("llama" if encoder else model_type, num_attention_heads=8, **raw)
     hf_config.num_attention_heads = heads
+    if encoder:
+        hf_config.pad_token_id = None  # its pad (EOS, 128001) is outside the shrunken vocabulary
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        model = transformers.LlamaModel(hf_config) if encoder else \
+            transformers.AutoModelForCausalLM.from_config(hf_config)
     assert ours.num_parameters() == sum(p.numel() for p in model.parameters())
 
 

@@ -2,6 +2,13 @@
 KV cache, plus config, tokenizer files, onnxruntime-genai's `genai_config.json` and our `kanana_quant.json`
 (see onnx_sidecar.py for the graph contract, which is onnxruntime-genai's).
 
+Embedding models (encoders) get the same layers with two differences, by a flag rather than a second builder:
+attention is bidirectional, written with standard ops (GroupQueryAttention is causal only) — RoPE, the
+grouped Q·Kᵀ, an additive mask that hides only padded keys, softmax, ·V — and in place of the KV cache and
+lm_head the graph ends in masked mean pooling: inputs `input_ids`, `attention_mask`, `pool_mask` [batch, seq],
+output `embeddings` [batch, hidden]. onnxruntime-genai has no encoder models, so such an export has no
+`genai_config.json`.
+
 Per layer: SkipSimplifiedLayerNormalization (the residual add fused with RMSNorm) → one fused QKV linear →
 GroupQueryAttention (rotary from our own cos/sin caches, YaRN's attention factor folded in, past and present
 KV sharing one buffer) → o → SkipSimplifiedLayerNormalization → fused gate|up linear → SiLU·up → down; MoE
@@ -138,6 +145,7 @@ class _Options:
 class _Exporter:
     def __init__(self, model, graph: _Graph, opts: _Options):
         self.weights, self.cfg, self.g, self.opts = model.weights, model.config, graph, opts
+        self.encoder = model.config.embedding is not None
 
     # --- linear layers ------------------------------------------------------------------------------------
 
@@ -195,6 +203,8 @@ class _Exporter:
             qkv = [q, k, v]
         else:
             qkv = [self.linear(x, [p + "q", p + "k", p + "v"], f"layers.{i}.attn.qkv_proj"), "", ""]
+        if self.encoder:
+            return self.linear(self.bidirectional_attention(i, qkv, cos, sin), [p + "o"], f"layers.{i}.attn.o_proj")
         past_k, past_v = sc.past_names(i)
         present_k, present_v = sc.present_names(i)
         out = self.g.node("GroupQueryAttention", [*qkv, past_k, past_v, self.seqlens_k, self.total_length, cos, sin],
@@ -202,6 +212,57 @@ class _Exporter:
                           name=f"layers.{i}.attn/GroupQueryAttention", num_heads=cfg.num_heads,
                           kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0)[0]
         return self.linear(out, [p + "o"], f"layers.{i}.attn.o_proj")
+
+    def bidirectional_attention(self, i: int, qkv: list[str], cos: str, sin: str) -> str:
+        """Every token attends to every unpadded token of its row: [B, S, q_size] before o_proj."""
+        cfg, g, d = self.cfg, self.g, self.cfg.head_dim
+        if not qkv[1]:
+            qkv = g.node("Split", [qkv[0], g.shape_const([cfg.q_size, cfg.kv_size, cfg.kv_size])], n_out=3, axis=-1)
+        heads = cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads
+        # [B, S, h·d] → [B, h, S, d]
+        q, k, v = (g.one("Transpose", [g.one("Reshape", [t, g.shape_const([0, 0, h, d])])], perm=[0, 2, 1, 3])
+                   for t, h in zip(qkv, heads))
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        group = cfg.num_heads // cfg.num_kv_heads
+        # the heads sharing a KV head as one axis: q [B, kv, group, S, d] against k, v [B, kv, 1, S, d]
+        q = g.one("Reshape", [q, g.shape_const([0, cfg.num_kv_heads, group, -1, d])])
+        k, v = (g.one("Unsqueeze", [t, g.shape_const([2])]) for t in (k, v))
+        scores = g.one("MatMul", [q, g.one("Transpose", [k], perm=[0, 1, 2, 4, 3])], name=f"layers.{i}.attn/QK")
+        scores = g.one("Add", [g.one("Mul", [scores, g.const("attn_scale", np.array(d ** -0.5, np.float32))]),
+                               self.key_padding])
+        ctx = g.one("MatMul", [g.one("Softmax", [scores], axis=-1), v], name=f"layers.{i}.attn/AV")
+        ctx = g.one("Transpose", [g.one("Reshape", [ctx, g.shape_const([0, cfg.num_heads, -1, d])])], perm=[0, 2, 1, 3])
+        return g.one("Reshape", [ctx, g.shape_const([0, 0, cfg.q_size])])
+
+    def _rope(self, x: str, cos: str, sin: str) -> str:
+        """HF's rotate_half RoPE on [B, h, S, d] at positions 0..S-1 (rows are right-padded)."""
+        g, half = self.g, self.cfg.head_dim // 2
+        x1, x2 = g.node("Split", [x, g.shape_const([half, half])], n_out=2, axis=-1)
+        c, s = self.rope_rows
+        first = g.one("Sub", [g.one("Mul", [x1, c]), g.one("Mul", [x2, s])])
+        second = g.one("Add", [g.one("Mul", [x2, c]), g.one("Mul", [x1, s])])
+        return g.one("Concat", [first, second], axis=-1)
+
+    def encoder_inputs(self, cos: str, sin: str) -> None:
+        """Once per graph: the rotary rows 0..S-1 and the additive key mask [B, 1, 1, 1, S] (0 for tokens,
+        -3e38 for padding, which softmax turns into exact zeros)."""
+        g = self.g
+        length = g.one("Gather", [g.one("Shape", [sc.INPUT_IDS]), g.const("one_index", np.array([1], np.int64))],
+                       axis=0)
+        zero = g.shape_const([0])
+        self.rope_rows = tuple(g.one("Slice", [t, zero, length, zero]) for t in (cos, sin))
+        mask = g.one("Cast", [sc.ATTENTION_MASK], to=TensorProto.FLOAT)
+        bias = g.one("Mul", [g.one("Sub", [mask, g.const("one_f32", np.array(1, np.float32))]),
+                             g.const("mask_min", np.array(3.0e38, np.float32))])
+        self.key_padding = g.one("Reshape", [bias, g.shape_const([0, 1, 1, 1, -1])], name="key_padding/Reshape")
+
+    def mean_pool(self, x: str) -> str:
+        """[B, S, H] → [B, H]: the mean over the positions pool_mask marks (the query prefix is left out)."""
+        g = self.g
+        weights = g.one("Unsqueeze", [g.one("Cast", [sc.POOL_MASK], to=TensorProto.FLOAT), g.shape_const([2])])
+        axis = g.shape_const([1])
+        total = g.one("ReduceSum", [g.one("Mul", [x, weights]), axis], keepdims=0)
+        return g.one("Div", [total, g.one("ReduceSum", [weights, axis], keepdims=0)], name="pooling/Div")
 
     def _head_norm(self, x: str, weight: str, heads: int, prefix: str) -> str:
         cfg = self.cfg
@@ -294,6 +355,8 @@ class _Exporter:
     # --- head -----------------------------------------------------------------------------------------------
 
     def lm_head_kind(self) -> str:
+        if self.encoder:
+            return "none"
         choice = self.opts.lm_head
         source = "embed" if self.cfg.tie_word_embeddings else "lm_head"
         carried = _qtensor_or_none(self.weights, source) if source == "lm_head" else None
@@ -374,7 +437,10 @@ class _Exporter:
         step = on_step or (lambda _: None)
         cos, sin = rope_cos_sin(cfg, np.arange(max_len))
         cos, sin = g.const("rotary.cos_cache", cos), g.const("rotary.sin_cache", sin)
-        self.sequence_lengths()
+        if self.encoder:
+            self.encoder_inputs(cos, sin)
+        else:
+            self.sequence_lengths()
         embed, x = self.embedding()
         # [B, S, H], for reshapes back from [B·S, H] (MoE). Dense graphs do not read it, yet onnxruntime's arena
         # peaked 175 MB higher at a 512-token prefill of Kanana-1.5-2.1B without this node (the same bytes of
@@ -403,6 +469,10 @@ class _Exporter:
         norm = g.const("norm.weight", self.weights.get("norm"))
         normed = g.node("SkipSimplifiedLayerNormalization", [pending, residual, norm], n_out=4, domain=MS,
                         name="norm/SkipLayerNorm", epsilon=eps)[0]
+        if self.encoder:
+            g.node("Identity", [self.mean_pool(normed)], outputs=[sc.EMBEDDINGS], name="embeddings/Identity")
+            step("pooling")
+            return
         logits = self.lm_head(self.keep_logits(normed), embed)
         g.node("Identity", [logits], outputs=[sc.LOGITS], name="logits/Identity")
         step("lm_head")
@@ -411,6 +481,9 @@ class _Exporter:
 def _value_infos(cfg: ModelConfig) -> tuple[list, list]:
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     vi = helper.make_tensor_value_info
+    if cfg.embedding is not None:
+        return ([vi(name, i64, ["batch_size", "sequence_length"]) for name in sc.ENCODER_INPUTS],
+                [vi(sc.EMBEDDINGS, f, ["batch_size", cfg.hidden_size])])
     inputs = [vi(sc.INPUT_IDS, i64, ["batch_size", "sequence_length"]),
               vi(sc.ATTENTION_MASK, i64, ["batch_size", "total_sequence_length"])]
     outputs = [vi(sc.LOGITS, f, ["batch_size", "logits_length", cfg.vocab_size])]
@@ -479,8 +552,9 @@ def _metadata(model, opts: _Options, report_kinds: dict, moe_op: str | None, lm_
         "source": str(model.path), "accuracy_level": opts.accuracy_level, "lm_head": lm_head,
         "quantization": fmt.to_hf() if fmt is not None else None, "ops": report_kinds, "moe_op": moe_op,
         "notes": opts.notes, "tokenizer_files": files,
-        "inputs": [sc.INPUT_IDS, sc.ATTENTION_MASK, "past_key_values.%d.key", "past_key_values.%d.value",
-                   sc.LOGITS_TO_KEEP],
+        "inputs": list(sc.ENCODER_INPUTS) if model.config.embedding is not None else
+        [sc.INPUT_IDS, sc.ATTENTION_MASK, "past_key_values.%d.key", "past_key_values.%d.value", sc.LOGITS_TO_KEEP],
+        "kind": "encoder" if model.config.embedding is not None else "decoder",
     }
 
 
@@ -531,7 +605,9 @@ def export_onnx(model, out_dir: str | Path, accuracy_level: int = 4, lm_head: st
         files = _write_side_files(model, tmp)
         moe_op = next((k for k in ("QMoE", "MoE") if k in graph.kinds), None)
         metadata = _metadata(model, opts, dict(graph.kinds), moe_op, exporter.lm_head_kind(), files)
-        (tmp / sc.SIDECAR).write_text(json.dumps(_genai_config(model), indent=2, ensure_ascii=False), encoding="utf-8")
+        if cfg.embedding is None:  # onnxruntime-genai runs decoders only
+            (tmp / sc.SIDECAR).write_text(json.dumps(_genai_config(model), indent=2, ensure_ascii=False),
+                                          encoding="utf-8")
         (tmp / sc.METADATA).write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
         kinds = dict(graph.kinds)
     for note in opts.notes:

@@ -36,6 +36,10 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 LOGITS_TO_KEEP = "logits_to_keep"  # optional, ours: int64 [1]; 0 = all positions, k = the last k
 LOGITS = "logits"
+# An embedding model's graph (no KV cache, no lm_head): right-padded int64 [batch, seq] inputs, pooled output.
+POOL_MASK = "pool_mask"  # 1 where a token counts in the mean (0 for padding and a query's instruction prefix)
+ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK, POOL_MASK)
+EMBEDDINGS = "embeddings"  # float32 [batch, hidden]
 
 
 def past_names(layer: int) -> tuple[str, str]:

@@ -191,7 +191,31 @@ def hf_config_from_gguf(meta: dict, tensors: dict[str, GGUFTensorInfo], source: 
         scaling = _llama3_rope(rope_freqs, theta, head_dim, source)
     if scaling:
         raw["rope_scaling"] = scaling
+    if meta.get(p + "attention.causal", True) is False or p + "pooling_type" in meta:
+        raw.update(_encoder_keys(meta, source))
     return raw
+
+
+POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}  # llama.cpp's LLAMA_POOLING_TYPE_*
+
+
+def _encoder_keys(meta: dict, source: str) -> dict:
+    """config.json keys of an embedding GGUF (config.py checks them): llama.cpp's causal and pooling keys, and
+    our kanana_quant.embedding for the query format."""
+    from kanana_quant.errors import parse_json
+
+    p = f"{ARCH_NAME}."
+    pooling = meta.get(p + "pooling_type", 0)
+    ours = meta.get("kanana_quant.embedding")
+    extra = parse_json(ours, f"{source}: kanana_quant.embedding") if isinstance(ours, str) else {}
+    if not isinstance(extra, dict):
+        raise KananaQuantError(f"{source}: kanana_quant.embedding is not a JSON object; re-export the GGUF")
+    keys = {k: extra[k] for k in ("query_prefix", "pool_instruction", "max_length", "matryoshka_dimensions")
+            if k in extra}
+    arch = extra.get("architecture") if extra.get("architecture") == "Kanana2VecModel" else "LlamaBidirectionalModel"
+    return {"architectures": [arch], "model_type": "kanana2vec" if arch == "Kanana2VecModel" else "llama",
+            "pooling": POOLING_NAMES.get(pooling, str(pooling)), "is_causal": meta.get(p + "attention.causal", True),
+            **keys}
 
 
 # ---------------------------------------------------------------------------------------------------------

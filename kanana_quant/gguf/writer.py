@@ -10,6 +10,7 @@ Quantized checkpoints are carried over without re-rounding wherever a GGML type 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ def _plans(cfg: ModelConfig, key: str, has_imatrix: bool, types: dict | None = N
     for i in range(cfg.num_layers):
         plans += _layer_plans(cfg, i, key, has_imatrix, types or {})
     plans.append(single("norm"))
-    if not cfg.tie_word_embeddings:
+    if cfg.has_lm_head:
         plans.append(single("lm_head"))
     return plans
 
@@ -217,6 +218,26 @@ def _add_hyperparameters(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, ftype:
         w.add_expert_used_count(cfg.moe.top_k)
         w.add_expert_feed_forward_length(cfg.moe.expert_intermediate_size)
     _add_rope_scaling(w, cfg)
+    if cfg.embedding is not None:
+        _add_encoder(w, cfg)
+
+
+# Our own key: what llama.cpp's keys cannot say about an encoder (its query format, its Matryoshka sizes), so
+# reading the GGUF back gives the same embedding config.
+EMBEDDING_KEY = "kanana_quant.embedding"
+
+
+def _add_encoder(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    """llama.cpp's embedding mode: bidirectional attention and mean pooling, read by its llama architecture.
+    Its mean pools every token; leaving a query's instruction prefix out needs per-token outputs (pooling
+    none) pooled by the caller, which our llama.cpp engine does."""
+    emb = cfg.embedding
+    w.add_causal_attention(False)
+    w.add_pooling_type(gguf.PoolingType.MEAN)
+    w.add_string(EMBEDDING_KEY, json.dumps({
+        "architecture": cfg.architecture, "pooling": emb.pooling, "query_prefix": emb.query_prefix,
+        "pool_instruction": emb.pool_instruction, "max_length": emb.max_length,
+        "matryoshka_dimensions": list(emb.dimensions[:-1])}, ensure_ascii=False))
 
 
 def _add_rope_scaling(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:

@@ -42,6 +42,8 @@ def quantize_model(model: LoadedModel, out: Path, opts: QuantOptions, resume: bo
     out = Path(out)
     if model.weights.format is not None:
         raise KananaQuantError(f"{model.path}: is already quantized; pass the float model")
+    if opts.fmt.lm_head and not model.config.has_lm_head and model.config.embedding:
+        raise KananaQuantError(f"{model.path}: an embedding model has no lm_head to quantize; drop --lm-head-bits")
     check_quantize(model, opts.fmt.method, opts.samples, opts.seq_len)  # RAM (and context length) before work
     sink = sink or CheckpointSink(model, out, opts)
     cfg = model.config
@@ -75,7 +77,8 @@ def quantize_model(model: LoadedModel, out: Path, opts: QuantOptions, resume: bo
 def _embed_calibration(model: LoadedModel, opts: QuantOptions, work: WorkDir) -> None:
     from kanana_quant.calib import calibration_ids
 
-    ids = calibration_ids(model.tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
+    ids = calibration_ids(model.tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed,
+                          encoder=model.config.embedding is not None)
     acts = work.acts(0, "w+")
     embed = model.weights.get("embed")
     for i in range(len(ids)):

@@ -68,7 +68,8 @@ def sensitivities(model: LoadedModel, opts: QuantOptions, on_layer=None) -> dict
     from kanana_quant.calib import calibration_ids
 
     cfg = model.config
-    ids = calibration_ids(model.tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed)
+    ids = calibration_ids(model.tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed,
+                          encoder=model.config.embedding is not None)
     embed = model.weights.get("embed")
     acts = torch.from_numpy(np.stack([embed[i] for i in ids]).astype(np.float32))
     del embed

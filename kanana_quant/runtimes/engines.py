@@ -74,6 +74,9 @@ def open_engine(loaded, engine: str = "auto", max_seq_len: int | None = None, th
     one, the model's context is cut to what fits (logged)."""
     from kanana_quant.resources import fit_context
 
+    if loaded.config.embedding is not None:
+        raise KananaQuantError(f"{loaded.path}: an embedding model ({loaded.config.architecture}) has no lm_head "
+                               "to generate with; run it with `kanana-quant embed`")
     engine = resolve_engine(engine, loaded.path)
     kv_type = kv_type_for(engine, kv_type)
     max_seq_len = fit_context(loaded, max_seq_len, kv_cache_bytes(loaded.config, 1, kv_type), kv_type)
@@ -95,3 +98,31 @@ def open_engine(loaded, engine: str = "auto", max_seq_len: int | None = None, th
     from kanana_quant.runtimes.onnx_engine import OnnxEngine
 
     return OnnxEngine(loaded.path, max_seq_len=max_seq_len, threads=threads)
+
+
+def open_encoder(loaded, engine: str = "auto", threads: int | None = None, isolated: bool = True):
+    """The engine that runs an embedding model (embed.Encoder): numpy (any format), onnxruntime (an ONNX
+    export) or llama.cpp (a .gguf in its embedding mode); the native two in a child process unless `isolated`
+    is False (POSIX only), as open_engine's."""
+    from kanana_quant.embed import embedding_config
+
+    emb = embedding_config(loaded.config, str(loaded.path))
+    engine = resolve_engine(engine, loaded.path)
+    why = missing_package(engine)
+    if why:
+        raise KananaQuantError(why)
+    if engine == "numpy":
+        from kanana_quant.runtimes.numpy_engine import NumpyEngine
+
+        return NumpyEngine(loaded.weights, max_seq_len=emb.max_length)
+    if isolated and os.name == "posix":
+        from kanana_quant.runtimes.isolated import IsolatedEncoder
+
+        return IsolatedEncoder(engine, loaded.path, threads=threads)
+    if engine == "onnxruntime":
+        from kanana_quant.runtimes.onnx_engine import OnnxEncoder
+
+        return OnnxEncoder(loaded.path, threads=threads)
+    from kanana_quant.runtimes.llamacpp_engine import LlamaCppEncoder
+
+    return LlamaCppEncoder(loaded.path, loaded.config, threads=threads)

@@ -2,7 +2,8 @@
 there becomes one error line here instead of ending `demo`, `eval` or a benchmark.
 
 The parent keeps the Engine interface (forward / pos / reset); each forward is one request over a socket
-pair and one reply carrying the logits as raw float32 bytes (JSON headers, never pickle). The parent owns
+pair and one reply carrying the logits as raw float32 bytes (JSON headers, never pickle). An embedding model's
+engine (embed.Encoder) runs the same way: its int64 batch goes over as bytes, its embeddings come back. The parent owns
 `pos` and sends it with every forward, so rewinding costs no round trip. The child runs in its own session:
 Ctrl-C reaches only the parent, which drops the reply of an interrupted forward before its next request. A
 child whose parent dies reads end-of-file and exits.
@@ -59,13 +60,13 @@ class IsolatedEngine:
     """`engine` ("llama.cpp" or "onnxruntime") on the model at `path`, in a child process."""
 
     def __init__(self, engine: str, path: Path, max_seq_len: int | None = None, threads: int | None = None,
-                 kv_type: str = "f32"):
+                 kv_type: str = "f32", kind: str = "decoder"):
         if engine not in ISOLATED_ENGINES:
             raise ValueError(f"no isolated engine {engine!r}")
         self.name, self.path, self.pos = engine, Path(path), 0
         ours, theirs = socket.socketpair()
         spec = {"engine": engine, "path": str(path), "max_seq_len": max_seq_len, "threads": threads,
-                "kv_type": kv_type}
+                "kv_type": kv_type, "kind": kind}
         self._child = subprocess.Popen(
             [sys.executable, "-m", "kanana_quant.runtimes.isolated", str(theirs.fileno()), json.dumps(spec)],
             pass_fds=(theirs.fileno(),), start_new_session=True, stdin=subprocess.DEVNULL)
@@ -90,19 +91,23 @@ class IsolatedEngine:
             raise (KananaQuantError if header["user"] else RuntimeError)(header["error"])
         return header, payload
 
-    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        while self._owed:  # a forward interrupted by Ctrl-C: its reply is stale
+    def _request(self, header: dict, payload: bytes = b"") -> np.ndarray:
+        while self._owed:  # a request interrupted by Ctrl-C: its reply is stale
             self._reply()
-        ids = [int(i) for i in ids]
         try:
-            self._conn.send_bytes(_frame({"pos": self.pos, "ids": ids, "all_logits": all_logits}))
+            self._conn.send_bytes(_frame(header, payload))
         except OSError:
             self._finalizer()
             raise EngineCrashed(crash_message(self.name, self.path, self._child.wait())) from None
         self._owed += 1
         header, payload = self._reply()
-        self.pos += len(ids)
         return np.frombuffer(payload, np.float32).reshape(header["shape"]).copy()
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = [int(i) for i in ids]
+        logits = self._request({"pos": self.pos, "ids": ids, "all_logits": all_logits})
+        self.pos += len(ids)
+        return logits
 
     def reset(self) -> None:
         self.pos = 0
@@ -110,6 +115,17 @@ class IsolatedEngine:
     def close(self) -> None:
         """End the child (also done when the engine is garbage-collected or the program exits)."""
         self._finalizer()
+
+
+class IsolatedEncoder(IsolatedEngine):
+    """An embedding model's engine (embed.Encoder) in a child process."""
+
+    def __init__(self, engine: str, path: Path, threads: int | None = None):
+        super().__init__(engine, path, threads=threads, kind="encoder")
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, pool_mask: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(np.stack([input_ids, attention_mask, pool_mask]), np.int64)
+        return self._request({"encode": list(batch.shape)}, batch.tobytes())
 
 
 def _stop(child: subprocess.Popen, conn: Connection) -> None:
@@ -127,6 +143,8 @@ def _stop(child: subprocess.Popen, conn: Connection) -> None:
 
 def _open(spec: dict):
     path = Path(spec["path"])
+    if spec.get("kind") == "encoder":
+        return _open_encoder(spec, path)
     if spec["engine"] == "llama.cpp":
         from kanana_quant.loader import open_checkpoint
         from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
@@ -137,6 +155,23 @@ def _open(spec: dict):
     from kanana_quant.runtimes.onnx_engine import OnnxEngine, describe
 
     return OnnxEngine(path, max_seq_len=spec["max_seq_len"], threads=spec["threads"]), describe()
+
+
+def _open_encoder(spec: dict, path: Path):
+    from kanana_quant.loader import open_checkpoint
+
+    config = open_checkpoint(path).config
+    if spec["engine"] == "llama.cpp":
+        from kanana_quant.runtimes.llamacpp_engine import LlamaCppEncoder
+
+        engine = LlamaCppEncoder(path, config, threads=spec["threads"])
+        configuration = engine.configuration
+    else:
+        from kanana_quant.runtimes.onnx_engine import OnnxEncoder, describe
+
+        engine, configuration = OnnxEncoder(path, threads=spec["threads"]), describe()
+    engine.max_seq_len = config.embedding.max_length
+    return engine, configuration
 
 
 def _error(e: BaseException) -> bytes:
@@ -158,13 +193,17 @@ def child_main(fd: int, spec: dict) -> None:
     conn.send_bytes(_frame({"max_seq_len": engine.max_seq_len, "configuration": configuration}))
     while True:
         try:
-            request, _ = _unframe(conn.recv_bytes())
+            request, payload = _unframe(conn.recv_bytes())
         except EOFError:
             return
         try:
-            engine.pos = request["pos"]
-            logits = np.ascontiguousarray(engine.forward(request["ids"], request["all_logits"]), np.float32)
-            reply = _frame({"shape": list(logits.shape)}, logits.tobytes())
+            if "encode" in request:
+                batch = np.frombuffer(payload, np.int64).reshape(request["encode"])
+                out = np.ascontiguousarray(engine.encode(*batch), np.float32)
+            else:
+                engine.pos = request["pos"]
+                out = np.ascontiguousarray(engine.forward(request["ids"], request["all_logits"]), np.float32)
+            reply = _frame({"shape": list(out.shape)}, out.tobytes())
         except Exception as e:
             reply = _error(e)
         conn.send_bytes(reply)

@@ -130,3 +130,50 @@ class LlamaCppEngine:
             rows.append(np.array(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n, self.n_vocab)),
                                  dtype=np.float32))
         return np.concatenate(rows) if all_logits else rows[-1][0]
+
+
+class LlamaCppEncoder:
+    """An embedding GGUF in llama.cpp's embedding mode (embed.Encoder). The file says bidirectional attention
+    and mean pooling (gguf/writer.py), but llama.cpp's mean covers every token, a query's instruction prefix
+    included; so the context runs with pooling none, which returns each token's final-norm hidden state, and
+    the pool mask's mean is taken here."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, config, threads: int | None = None):
+        import llama_cpp
+        from llama_cpp import Llama
+
+        self.config = config
+        length = config.embedding.max_length
+        threads = thread_budget(threads) or os.cpu_count() or 1
+        extra_bufts, self.configuration = load_plan(build_features())
+        try:
+            with _model_params(use_extra_bufts=extra_bufts):
+                # a non-causal batch must fit in one micro-batch: n_ubatch = the longest input
+                self.llm = Llama(model_path=str(path), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE,
+                                 n_ctx=length, n_batch=length, n_ubatch=length, n_threads=threads,
+                                 n_threads_batch=threads, verbose=False, type_k=GGML_KV_TYPES["f32"],
+                                 type_v=GGML_KV_TYPES["f32"])  # f32 K/V: llama.cpp's f16 default moves them
+        except ValueError as exc:
+            raise KananaQuantError(f"{path}: llama.cpp could not load it ({exc})") from None
+        self._native = llama_cpp
+
+    def token_states(self, ids: Sequence[int]) -> np.ndarray:
+        """[T, hidden]: every token's final-norm hidden state, the whole sequence in one bidirectional batch."""
+        llm = self.llm
+        llm._batch.reset()
+        llm._batch.add_sequence([int(i) for i in ids], 0, True)
+        llm._ctx.kv_cache_clear()
+        llm._ctx.decode(llm._batch)
+        n, width = len(ids), self.config.hidden_size
+        states = np.ctypeslib.as_array(self._native.llama_get_embeddings(llm._ctx.ctx), shape=(n * width,))
+        return np.array(states, np.float32).reshape(n, width)
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, pool_mask: np.ndarray) -> np.ndarray:
+        out = np.empty((len(input_ids), self.config.hidden_size), np.float32)
+        for b, (ids, mask, pool) in enumerate(zip(input_ids, attention_mask, pool_mask)):
+            n = int(mask.sum())
+            weights = np.asarray(pool[:n], np.float32)
+            out[b] = weights @ self.token_states(ids[:n]) / weights.sum()
+        return out

@@ -191,7 +191,8 @@ class NumpyEngine:
             if on_layer:
                 on_layer(i)
         self.norm = source.get("norm")
-        self.lm_head = FloatLinear(self.embed) if cfg.tie_word_embeddings else source.linear("lm_head")
+        self.lm_head = (None if cfg.embedding else
+                        FloatLinear(self.embed) if cfg.tie_word_embeddings else source.linear("lm_head"))
         self.inv_freq, self.rope_scale = rope_frequencies(cfg)
         self._cache_len = 0
         self.kv_dtype = {"f32": np.float32, "f16": np.float16}[kv_type]  # attention itself stays float32
@@ -216,6 +217,28 @@ class NumpyEngine:
 
     def forward(self, ids, all_logits: bool = False) -> np.ndarray:
         """Run new tokens at positions pos.. through the model, appending to the KV cache."""
+        x = self._hidden(ids, all_logits)
+        logits = self.lm_head(x)
+        return logits if all_logits else logits[0]
+
+    def last_hidden(self, ids) -> np.ndarray:
+        """The final-norm hidden states [T, hidden] of one whole sequence (an embedding model's output)."""
+        self.reset()
+        return self._hidden(ids, True)
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, pool_mask: np.ndarray) -> np.ndarray:
+        """Mean of the last hidden states over pool_mask, per row of a right-padded batch [B, T] → [B, hidden].
+        Each row runs alone (its padding would only be masked out) so no [T, T] mask is built per batch."""
+        out = np.empty((len(input_ids), self.config.hidden_size), np.float32)
+        for b, (ids, mask, pool) in enumerate(zip(input_ids, attention_mask, pool_mask)):
+            n = int(mask.sum())
+            if not mask[:n].all():
+                raise ValueError("attention_mask rows must be right-padded (tokens first, then zeros)")
+            weights = np.asarray(pool[:n], np.float32)
+            out[b] = weights @ self.last_hidden(ids[:n]) / weights.sum()
+        return out
+
+    def _hidden(self, ids, all_positions: bool) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         start, t = self.pos, len(ids)
         self._ensure_cache(start + t)
@@ -227,9 +250,7 @@ class NumpyEngine:
             x = x + self._attention(i, layer, rms_norm(x, layer.attn_norm, self.config.rms_norm_eps), cos, sin)
             x = x + layer.mlp(rms_norm(x, layer.ffn_norm, self.config.rms_norm_eps))
         self.pos = start + t
-        x = rms_norm(x if all_logits else x[-1:], self.norm, self.config.rms_norm_eps)
-        logits = self.lm_head(x)
-        return logits if all_logits else logits[0]
+        return rms_norm(x if all_positions else x[-1:], self.norm, self.config.rms_norm_eps)
 
     def _attention(self, i: int, layer: Layer, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         cfg = self.config
@@ -249,7 +270,7 @@ class NumpyEngine:
         # Grouped-query attention: the heads sharing one KV head form a group [kv, group, T, d].
         q = q.transpose(1, 0, 2).reshape(kv, cfg.num_heads // kv, t, d)
         scores = (q @ keys[:, None].transpose(0, 1, 3, 2)) / np.float32(np.sqrt(d))
-        if t > 1:
+        if t > 1 and cfg.causal:  # an encoder's tokens see every token of their sequence
             future = np.arange(end)[None, :] > np.arange(start, end)[:, None]
             scores = np.where(future, np.float32(-np.inf), scores)
         out = softmax(scores) @ values[:, None]  # [kv, group, T, d]

@@ -130,3 +130,25 @@ class OnnxEngine:
 
     def decode(self, token_id: int) -> np.ndarray:
         return self.forward([token_id])
+
+
+class OnnxEncoder:
+    """An embedding model's ONNX export (embed.Encoder): the graph attends both ways and pools itself."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        path = Path(path)
+        metadata = sc.read_metadata(path)
+        if metadata.get("kind") != "encoder":
+            raise KananaQuantError(f"{path}: an ONNX export of a decoder, not of an embedding model")
+        try:
+            self.session = ort.InferenceSession(str(path / sc.MODEL_FILE), session_options(thread_budget(threads)),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+            raise KananaQuantError(f"{path / sc.MODEL_FILE}: onnxruntime cannot load it "
+                                   f"({str(e).splitlines()[0][:300]}); re-export with `kanana-quant export onnx`")
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, pool_mask: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(sc.ENCODER_INPUTS, (np.asarray(a, np.int64) for a in (input_ids, attention_mask, pool_mask))))
+        return self.session.run([sc.EMBEDDINGS], feeds)[0]

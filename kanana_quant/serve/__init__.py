@@ -6,6 +6,7 @@ output, request slots and a chat page. Needs the `serve` extra (FastAPI, uvicorn
     errors.py      OpenAI error objects for every failure
     service.py     a request -> prompt, sampling, grammar, stop strings
     generation.py  one request's decode loop in a slot's worker thread
+    embeddings.py  /v1/embeddings for an embedding model (a thin layer over embed.embed)
     slots.py       engine instances, the bounded queue, cancellation
     static/        the chat page (no build step, no CDN)
 """
@@ -20,13 +21,19 @@ from kanana_quant.serve.service import Service, Settings
 __all__ = ["Service", "Settings", "open_service", "run"]
 
 
-def open_service(model: str, settings: Settings) -> Service:
+def open_service(model: str, settings: Settings):
+    """The Service of a generative model, or the EmbeddingService of an embedding model."""
     from kanana_quant.hub import resolve_model
     from kanana_quant.loader import open_model
     from kanana_quant.runtimes.engines import resolve_engine
 
     resolve_engine(settings.engine, resolve_model(model))  # a wrong --engine fails before any loading
-    return Service(open_model(model), settings)
+    loaded = open_model(model)
+    if loaded.config.embedding is not None:
+        from kanana_quant.serve.embeddings import EmbeddingService
+
+        return EmbeddingService(loaded, settings)
+    return Service(loaded, settings)
 
 
 def run(service: Service, host: str, port: int, sock: socket.socket | None = None, log_level: str = "info") -> None:

@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from kanana_quant.chat_format import CallArguments, CallStart, Content
 from kanana_quant.serve import errors
+from kanana_quant.serve.embeddings import EmbeddingRequest, EmbeddingService
 from kanana_quant.serve.errors import APIError
 from kanana_quant.serve.generation import Failure, Finish, Generation, Piece
 from kanana_quant.serve.schemas import ChatRequest, CompletionRequest
@@ -72,14 +73,7 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="kanana-quant", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-    errors.install(app)
-    static = resources.files("kanana_quant.serve").joinpath("static")
-    app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    key = service.settings.api_key
-
+def _authorizer(key: str | None):
     def authorized(request: Request) -> None:
         if key is None:
             return
@@ -88,6 +82,52 @@ def create_app(service: Service) -> FastAPI:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "incorrect or missing API key; send `Authorization: Bearer <key>`",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    return authorized
+
+
+def _embedding_app(service: EmbeddingService) -> FastAPI:
+    """An embedding model's server: /v1/embeddings, /v1/models and /health; generation routes say why not."""
+    app = FastAPI(title="kanana-quant", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    errors.install(app)
+    authorized = _authorizer(service.settings.api_key)
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return {"object": "list", "data": [_model_card(service)]}
+
+    @app.get("/v1/models/{name}", dependencies=[Depends(authorized)])
+    async def model(name: str):
+        service.check_model(name)
+        return _model_card(service)
+
+    @app.post("/v1/embeddings", dependencies=[Depends(authorized)])
+    async def embeddings(req: EmbeddingRequest):
+        return await service.create(req)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def generation():
+        raise APIError(400, f"{service.name!r} is an embedding model; it answers /v1/embeddings only",
+                       code="unsupported_model")
+
+    return app
+
+
+def create_app(service: Service | EmbeddingService) -> FastAPI:
+    if isinstance(service, EmbeddingService):
+        return _embedding_app(service)
+    app = FastAPI(title="kanana-quant", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    errors.install(app)
+    static = resources.files("kanana_quant.serve").joinpath("static")
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    authorized = _authorizer(service.settings.api_key)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -132,6 +172,11 @@ def create_app(service: Service) -> FastAPI:
             return _sse(_completion_chunks(service, gen, events, first, head, usage, echo))
         return await _collect(request, service, gen, events, first,
                               lambda evs: _completion_body(service, gen, evs, head, echo))
+
+    @app.post("/v1/embeddings", dependencies=[Depends(authorized)])
+    async def embeddings():
+        raise APIError(400, f"{service.name!r} is a generative model; /v1/embeddings needs an embedding model "
+                       "(e.g. kanana-nano-2.1b-embedding)", code="unsupported_model")
 
     return app
 
