@@ -38,6 +38,8 @@ from kanana_quant.quant.options import QuantOptions  # noqa: E402
 from kanana_quant.smollm import smollm2_gguf  # noqa: E402
 
 THREADS = "2"
+AUTOROUND = ("not run: AutoRound 0.16.1 (its own venv) exports q4_0, q4_k_m, q3_k_m and q2_k_s, but its "
+             "default 200 iterations per layer did not fit a session on 2 shared cores; rows to come")
 
 
 def run(cmd: list, what: str) -> str:
@@ -143,7 +145,7 @@ def _save(args, tools: dict, rows: list) -> None:
                           "chunks": args.chunks, "ctx": args.ctx, "llama_cpp_tools": tools["build"],
                           "calibration": {"set": "builtin", "samples": args.samples, "seq_len": args.seq_len,
                                           "imatrix": "llama-imatrix on the same windows, decoded to text"},
-                          "autoround": "not run (see README: not measured in this session)",
+                          "autoround": AUTOROUND,
                           "rows": rows})
 
 

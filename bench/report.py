@@ -516,7 +516,7 @@ def main() -> None:
         lines += gguf_section(gguf_quality)
     for path in sorted(RESULTS.glob("speed*.json")):
         result = json.loads(path.read_text(encoding="utf-8"))
-        lines += tasks_section(result) if "models" in result else speed_section(result, path.stem)
+        lines += tasks_section(result) if "prompts" in result else speed_section(result, path.stem)
     if cost:
         lines += cost_section(cost)
     serve, grammar = load("serve"), load("grammar")
