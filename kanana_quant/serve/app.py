@@ -86,8 +86,8 @@ def _authorizer(key: str | None):
     return authorized
 
 
-def _embedding_app(service: EmbeddingService) -> FastAPI:
-    """An embedding model's server: /v1/embeddings, /v1/models and /health; generation routes say why not."""
+def _base_app(service: Service | EmbeddingService):
+    """The app every model gets: body limit, OpenAI-style errors, the API key check, /health and /v1/models."""
     app = FastAPI(title="kanana-quant", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     errors.install(app)
@@ -105,6 +105,13 @@ def _embedding_app(service: EmbeddingService) -> FastAPI:
     async def model(name: str):
         service.check_model(name)
         return _model_card(service)
+
+    return app, authorized
+
+
+def _embedding_app(service: EmbeddingService) -> FastAPI:
+    """An embedding model's server: /v1/embeddings, /v1/models and /health; generation routes say why not."""
+    app, authorized = _base_app(service)
 
     @app.post("/v1/embeddings", dependencies=[Depends(authorized)])
     async def embeddings(req: EmbeddingRequest):
@@ -122,30 +129,14 @@ def _embedding_app(service: EmbeddingService) -> FastAPI:
 def create_app(service: Service | EmbeddingService) -> FastAPI:
     if isinstance(service, EmbeddingService):
         return _embedding_app(service)
-    app = FastAPI(title="kanana-quant", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-    errors.install(app)
+    app, authorized = _base_app(service)
     static = resources.files("kanana_quant.serve").joinpath("static")
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    authorized = _authorizer(service.settings.api_key)
 
     @app.get("/", include_in_schema=False)
     async def page():
         html = static.joinpath("index.html").read_text(encoding="utf-8")
         return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"})
-
-    @app.get("/health")
-    async def health():
-        return service.health()
-
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
-    async def models():
-        return {"object": "list", "data": [_model_card(service)]}
-
-    @app.get("/v1/models/{name}", dependencies=[Depends(authorized)])
-    async def model(name: str):
-        service.check_model(name)
-        return _model_card(service)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat(req: ChatRequest, request: Request):
