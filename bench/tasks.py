@@ -86,7 +86,8 @@ def llama_lookup(binary: Path, gguf: Path, threads: int, max_tokens: int, tokeni
     for i, task in enumerate(prompts()):
         text = tokenizer.apply_chat_template([{"role": "user", "content": task["prompt"]}])
         out = subprocess.run([str(binary), "-m", str(gguf), "-p", text, "-n", str(max_tokens), "-t", str(threads),
-                              "--temp", "0", "-c", "2048", "--no-warmup"], capture_output=True, text=True)
+                              "--temp", "0", "-c", "2048"], capture_output=True, text=True,
+                             errors="replace")  # a token may end inside a UTF-8 character
         log = out.stdout + out.stderr
         speed = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", log)
         accept = re.search(r"accept\s*=\s*([\d.]+)%", log)
