@@ -61,12 +61,7 @@ class OnnxEngine:
         self.config = cfg = load_config(path)
         context = int(self.sidecar["model"].get("context_length") or cfg.max_position_embeddings)
         self.max_seq_len = min(max_seq_len or context, context)
-        try:
-            self.session = ort.InferenceSession(str(path / sc.MODEL_FILE), session_options(thread_budget(threads)),
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise KananaQuantError(f"{path / sc.MODEL_FILE}: onnxruntime cannot load it "
-                                   f"({str(e).splitlines()[0][:300]}); re-export with `kanana-quant export onnx`")
+        self.session = _open_session(path, threads)
         self._keys: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self._ort_cache: list[tuple[ort.OrtValue, ort.OrtValue]] = []
@@ -142,13 +137,18 @@ class OnnxEncoder:
         metadata = sc.read_metadata(path)
         if metadata.get("kind") != "encoder":
             raise KananaQuantError(f"{path}: an ONNX export of a decoder, not of an embedding model")
-        try:
-            self.session = ort.InferenceSession(str(path / sc.MODEL_FILE), session_options(thread_budget(threads)),
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise KananaQuantError(f"{path / sc.MODEL_FILE}: onnxruntime cannot load it "
-                                   f"({str(e).splitlines()[0][:300]}); re-export with `kanana-quant export onnx`")
+        self.session = _open_session(path, threads)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, pool_mask: np.ndarray) -> np.ndarray:
         feeds = dict(zip(sc.ENCODER_INPUTS, (np.asarray(a, np.int64) for a in (input_ids, attention_mask, pool_mask))))
         return self.session.run([sc.EMBEDDINGS], feeds)[0]
+
+
+def _open_session(path: Path, threads: int | None) -> "ort.InferenceSession":
+    """The export's model on the CPU provider; an unreadable model is one line naming the file."""
+    try:
+        return ort.InferenceSession(str(path / sc.MODEL_FILE), session_options(thread_budget(threads)),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+        raise KananaQuantError(f"{path / sc.MODEL_FILE}: onnxruntime cannot load it "
+                               f"({str(e).splitlines()[0][:300]}); re-export with `kanana-quant export onnx`")
