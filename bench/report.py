@@ -428,8 +428,8 @@ def embed_speed_section(s: dict) -> list[str]:
             cells = (f"{n['embeddings_per_s_best']:.4f} ({n['embeddings_per_s_median']:.4f}) | "
                      f"{o['embeddings_per_s_best'] / n['embeddings_per_s_best']:.0f}x")
             rss = f"{n['peak_rss_bytes'] / gib:.2f}"
-        else:  # numpy embeds a batch row by row: its rate is batch 1's (not timed, 16 x as long)
-            cells, rss = "not timed (row by row: batch 1's rate) | –", "–"
+        else:
+            cells, rss = "not timed | –", "–"
         lines.append(f"| {batch} | {o['embeddings_per_s_best']:.3f} ({o['embeddings_per_s_median']:.3f}) | {cells} | "
                      f"{o['peak_rss_bytes'] / gib:.2f} | {rss} |")
     return lines + [""]

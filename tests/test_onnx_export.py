@@ -132,6 +132,8 @@ def test_float_export_matches_numpy_runtime(model_dirs, tmp_path, variant):
     assert np.abs(chunk).max() <= TOL
     ops = json.loads((tmp_path / "onnx" / "kanana_quant.json").read_text())["ops"]
     assert ("MoE" in ops) == variant.startswith("moe")
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert len({i.name for i in graph.initializer}) == len(graph.initializer)  # no "Duplicate initializer"
 
 
 @pytest.mark.parametrize("variant, method, bits, group, sym", [

@@ -228,8 +228,7 @@ class _Exporter:
         q = g.one("Reshape", [q, g.shape_const([0, cfg.num_kv_heads, group, -1, d])])
         k, v = (g.one("Unsqueeze", [t, g.shape_const([2])]) for t in (k, v))
         scores = g.one("MatMul", [q, g.one("Transpose", [k], perm=[0, 1, 2, 4, 3])], name=f"layers.{i}.attn/QK")
-        scores = g.one("Add", [g.one("Mul", [scores, g.const("attn_scale", np.array(d ** -0.5, np.float32))]),
-                               self.key_padding])
+        scores = g.one("Add", [g.one("Mul", [scores, self.attn_scale]), self.key_padding])
         ctx = g.one("MatMul", [g.one("Softmax", [scores], axis=-1), v], name=f"layers.{i}.attn/AV")
         ctx = g.one("Transpose", [g.one("Reshape", [ctx, g.shape_const([0, cfg.num_heads, -1, d])])], perm=[0, 2, 1, 3])
         return g.one("Reshape", [ctx, g.shape_const([0, 0, cfg.q_size])])
@@ -244,8 +243,8 @@ class _Exporter:
         return g.one("Concat", [first, second], axis=-1)
 
     def encoder_inputs(self, cos: str, sin: str) -> None:
-        """Once per graph: the rotary rows 0..S-1 and the additive key mask [B, 1, 1, 1, S] (0 for tokens,
-        -3e38 for padding, which softmax turns into exact zeros)."""
+        """Once per graph: the rotary rows 0..S-1, the score scale and the additive key mask [B, 1, 1, 1, S]
+        (0 for tokens, -3e38 for padding, which softmax turns into exact zeros)."""
         g = self.g
         length = g.one("Gather", [g.one("Shape", [sc.INPUT_IDS]), g.const("one_index", np.array([1], np.int64))],
                        axis=0)
@@ -255,6 +254,7 @@ class _Exporter:
         bias = g.one("Mul", [g.one("Sub", [mask, g.const("one_f32", np.array(1, np.float32))]),
                              g.const("mask_min", np.array(3.0e38, np.float32))])
         self.key_padding = g.one("Reshape", [bias, g.shape_const([0, 1, 1, 1, -1])], name="key_padding/Reshape")
+        self.attn_scale = g.const("attn_scale", np.array(self.cfg.head_dim ** -0.5, np.float32))
 
     def mean_pool(self, x: str) -> str:
         """[B, S, H] → [B, H]: the mean over the positions pool_mask marks (the query prefix is left out)."""

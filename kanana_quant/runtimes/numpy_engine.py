@@ -221,30 +221,43 @@ class NumpyEngine:
         logits = self.lm_head(x)
         return logits if all_logits else logits[0]
 
-    def last_hidden(self, ids) -> np.ndarray:
-        """The final-norm hidden states [T, hidden] of one whole sequence (an embedding model's output)."""
-        self.reset()
-        return self._hidden(ids, True)
-
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, pool_mask: np.ndarray) -> np.ndarray:
         """Mean of the last hidden states over pool_mask, per row of a right-padded batch [B, T] → [B, hidden].
-        Each row runs alone (its padding would only be masked out) so no [T, T] mask is built per batch."""
-        out = np.empty((len(input_ids), self.config.hidden_size), np.float32)
-        for b, (ids, mask, pool) in enumerate(zip(input_ids, attention_mask, pool_mask)):
-            n = int(mask.sum())
-            if not mask[:n].all():
-                raise ValueError("attention_mask rows must be right-padded (tokens first, then zeros)")
-            weights = np.asarray(pool[:n], np.float32)
-            out[b] = weights @ self.last_hidden(ids[:n]) / weights.sum()
+        The rows' tokens are concatenated without their padding: every linear runs once for the whole batch
+        (a quantized weight is unpacked once per batch, not once per row) and attention runs per row, each row
+        at positions 0..n-1 seeing only its own tokens (no KV cache)."""
+        cfg = self.config
+        lengths = [int(m.sum()) for m in attention_mask]
+        if any(not m[:n].all() for m, n in zip(attention_mask, lengths)):
+            raise ValueError("attention_mask rows must be right-padded (tokens first, then zeros)")
+        bounds = np.cumsum([0, *lengths])
+        rows = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        ids = np.concatenate([np.asarray(r[:n], np.int64) for r, n in zip(input_ids, lengths)])
+        cos, sin = self._rope_rows(np.concatenate([np.arange(n) for n in lengths]))
+        x = self.embed[ids]
+        for layer in self.layers:
+            q, k, v = self._qkv(layer, rms_norm(x, layer.attn_norm, cfg.rms_norm_eps), cos, sin)
+            ctx = np.concatenate([self._attend(q[r], k[r].transpose(1, 0, 2), v[r].transpose(1, 0, 2))
+                                  for r in rows])
+            x = x + layer.o(ctx)
+            x = x + layer.mlp(rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps))
+        x = rms_norm(x, self.norm, cfg.rms_norm_eps)
+        out = np.empty((len(lengths), cfg.hidden_size), np.float32)
+        for b, r in enumerate(rows):
+            weights = np.asarray(pool_mask[b][:lengths[b]], np.float32)
+            out[b] = weights @ x[r] / weights.sum()
         return out
+
+    def _rope_rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        angles = np.outer(positions.astype(np.float64), self.inv_freq)
+        return ((np.cos(angles) * self.rope_scale).astype(np.float32),
+                (np.sin(angles) * self.rope_scale).astype(np.float32))
 
     def _hidden(self, ids, all_positions: bool) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         start, t = self.pos, len(ids)
         self._ensure_cache(start + t)
-        angles = np.outer(np.arange(start, start + t, dtype=np.float64), self.inv_freq)
-        cos = (np.cos(angles) * self.rope_scale).astype(np.float32)
-        sin = (np.sin(angles) * self.rope_scale).astype(np.float32)
+        cos, sin = self._rope_rows(np.arange(start, start + t))
         x = self.embed[ids]
         for i, layer in enumerate(self.layers):
             x = x + self._attention(i, layer, rms_norm(x, layer.attn_norm, self.config.rms_norm_eps), cos, sin)
@@ -252,29 +265,40 @@ class NumpyEngine:
         self.pos = start + t
         return rms_norm(x if all_positions else x[-1:], self.norm, self.config.rms_norm_eps)
 
-    def _attention(self, i: int, layer: Layer, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    def _qkv(self, layer: Layer, x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
+        """q [T, heads, d], k and v [T, kv heads, d], q and k normed (Qwen3) and rotated."""
         cfg = self.config
-        t, d, kv = x.shape[0], cfg.head_dim, cfg.num_kv_heads
+        t, d = x.shape[0], cfg.head_dim
         q = layer.q(x).reshape(t, cfg.num_heads, d)
-        k = layer.k(x).reshape(t, kv, d)
-        v = layer.v(x).reshape(t, kv, d)
+        k = layer.k(x).reshape(t, cfg.num_kv_heads, d)
+        v = layer.v(x).reshape(t, cfg.num_kv_heads, d)
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start, end = self.pos, self.pos + t
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, causal: bool = False) -> np.ndarray:
+        """q [T, heads, d] over keys/values [kv, S, d] (the last T of S are q's own positions) → [T, q_size]."""
+        cfg = self.config
+        t, d, kv, end = q.shape[0], cfg.head_dim, cfg.num_kv_heads, keys.shape[1]
+        # Grouped-query attention: the heads sharing one KV head form a group [kv, group, T, d].
+        q = q.transpose(1, 0, 2).reshape(kv, cfg.num_heads // kv, t, d)
+        scores = (q @ keys[:, None].transpose(0, 1, 3, 2)) / np.float32(np.sqrt(d))
+        if causal and t > 1:
+            future = np.arange(end)[None, :] > np.arange(end - t, end)[:, None]
+            scores = np.where(future, np.float32(-np.inf), scores)
+        out = softmax(scores) @ values[:, None]  # [kv, group, T, d]
+        return out.reshape(cfg.num_heads, t, d).transpose(1, 0, 2).reshape(t, cfg.q_size)
+
+    def _attention(self, i: int, layer: Layer, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        q, k, v = self._qkv(layer, x, cos, sin)
+        start, end = self.pos, self.pos + x.shape[0]
         self.k_cache[i, :, start:end] = k.transpose(1, 0, 2)
         self.v_cache[i, :, start:end] = v.transpose(1, 0, 2)
         keys = self.k_cache[i, :, :end].astype(np.float32, copy=False)  # [kv, S, d]
         values = self.v_cache[i, :, :end].astype(np.float32, copy=False)
-        # Grouped-query attention: the heads sharing one KV head form a group [kv, group, T, d].
-        q = q.transpose(1, 0, 2).reshape(kv, cfg.num_heads // kv, t, d)
-        scores = (q @ keys[:, None].transpose(0, 1, 3, 2)) / np.float32(np.sqrt(d))
-        if t > 1 and cfg.causal:  # an encoder's tokens see every token of their sequence
-            future = np.arange(end)[None, :] > np.arange(start, end)[:, None]
-            scores = np.where(future, np.float32(-np.inf), scores)
-        out = softmax(scores) @ values[:, None]  # [kv, group, T, d]
-        return layer.o(out.reshape(cfg.num_heads, t, d).transpose(1, 0, 2).reshape(t, cfg.q_size))
+        # an encoder's tokens see every token of their sequence
+        return layer.o(self._attend(q, keys, values, causal=self.config.causal))
 
     def prefill(self, ids) -> np.ndarray:
         self.reset()
