@@ -3,14 +3,13 @@ tokenized and cut into `samples` windows of `seq_len` tokens."""
 
 from __future__ import annotations
 
-import json
 import re
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from kanana_quant.errors import KananaQuantError
+from kanana_quant.errors import KananaQuantError, json_lines, read_input_text
 from kanana_quant.tokenizer import Tokenizer
 
 BUILTIN = "builtin"
@@ -45,22 +44,11 @@ def _as_messages(document: str) -> list[dict] | None:
 
 
 def _read_file(path: Path) -> list:
-    if path.stat().st_size > MAX_CALIB_BYTES:
-        raise KananaQuantError(f"{path}: calibration file is over 1 GiB; pass a smaller sample")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise KananaQuantError(f"{path}: calibration file is not UTF-8 text") from None
+    text = read_input_text(path, MAX_CALIB_BYTES, f"--calib {path}", "pass a smaller sample")
     if path.suffix != ".jsonl":
         return [d.strip() for d in text.split("\n\n") if d.strip()]
     docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise KananaQuantError(f"{path}:{n}: not valid JSON; each line needs a 'text' or 'messages' field") from None
+    for n, row in json_lines(text, str(path), "each line needs a 'text' or 'messages' field"):
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             docs.append(row["text"])
         elif isinstance(row, dict) and isinstance(row.get("messages"), list):

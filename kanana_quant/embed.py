@@ -17,7 +17,7 @@ import numpy as np
 
 from kanana_quant.atomic import atomic_file
 from kanana_quant.config import EmbeddingConfig, ModelConfig
-from kanana_quant.errors import KananaQuantError
+from kanana_quant.errors import KananaQuantError, read_input_text
 from kanana_quant.tokenizer import Tokenizer
 
 MAX_TEXTS = 100_000
@@ -129,15 +129,8 @@ def read_texts(texts: Sequence[str] | None, file: Path | None, max_bytes: int = 
         raise KananaQuantError("give the texts with --text (repeatable) or --file FILE (one text per line), not both")
     if file is None:
         return list(texts)
-    if not file.is_file():
-        raise KananaQuantError(f"--file {file}: no such file")
-    if file.stat().st_size > max_bytes:
-        raise KananaQuantError(f"--file {file}: over {max_bytes >> 20} MiB; split it")
-    try:
-        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError:
-        raise KananaQuantError(f"--file {file}: not UTF-8 text") from None
-    lines = [line for line in lines if line]
+    text = read_input_text(file, max_bytes, f"--file {file}", "split it")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise KananaQuantError(f"--file {file}: no texts (every line is blank)")
     return lines

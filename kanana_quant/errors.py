@@ -1,8 +1,10 @@
-"""The one exception type for problems a user can cause (bad files, bad flags, bad configs), and the
-bounded JSON reading and path confinement every metadata reader shares."""
+"""The one exception type for problems a user can cause (bad files, bad flags, bad configs), the bounded
+JSON reading and path confinement every metadata reader shares, and the bounded reading of the user's own data
+files (calibration text, retrieval pairs, texts to embed)."""
 
 import errno
 import json
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 
@@ -38,6 +40,32 @@ def read_text(path: Path, max_bytes: int) -> str:
         raise KananaQuantError(f"{path}: not UTF-8 text; re-download the model") from None
     except OSError as e:
         raise KananaQuantError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_input_text(path: Path, max_bytes: int, where: str, advice: str) -> str:
+    """A data file the user passed, size-capped before reading. Unlike a model's metadata (read_text), the
+    fix is the user's to make: `where` names the flag and the file, `advice` what to do with one too large."""
+    if not path.is_file():
+        raise KananaQuantError(f"{where}: no such file")
+    if path.stat().st_size > max_bytes:
+        raise KananaQuantError(f"{where}: over {max_bytes >> 20} MiB; {advice}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KananaQuantError(f"{where}: not UTF-8 text") from None
+
+
+def json_lines(text: str, where: str, expected: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) for each non-blank line of a .jsonl text; a line that is not JSON is one error
+    naming `where`:line and what every line should hold (`expected`)."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # JSONDecodeError, and integers too long to convert
+            raise KananaQuantError(f"{where}:{n}: not valid JSON; {expected}") from None
+        yield n, row
 
 
 def read_json_object(path: Path, max_bytes: int) -> dict:

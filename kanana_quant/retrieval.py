@@ -8,14 +8,13 @@ set by cosine similarity; recall@1 is the share whose own passage ranks first, M
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from kanana_quant.errors import KananaQuantError
+from kanana_quant.errors import KananaQuantError, json_lines, read_input_text
 
 BUILTIN_PAIRS = "data/retrieval_pairs.jsonl"
 # The instruction the set's queries are embedded with (documents take none).
@@ -36,23 +35,10 @@ def load_pairs(path: Path | None = None) -> list[Pair]:
         text = resources.files("kanana_quant").joinpath(BUILTIN_PAIRS).read_text(encoding="utf-8")
         where = BUILTIN_PAIRS
     else:
-        if not path.is_file():
-            raise KananaQuantError(f"--pairs {path}: no such file")
-        if path.stat().st_size > MAX_PAIRS_BYTES:
-            raise KananaQuantError(f"--pairs {path}: over {MAX_PAIRS_BYTES >> 20} MiB; pass a smaller set")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise KananaQuantError(f"--pairs {path}: not UTF-8 text") from None
+        text = read_input_text(path, MAX_PAIRS_BYTES, f"--pairs {path}", "pass a smaller set")
         where = str(path)
     pairs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise KananaQuantError(f"{where}:{n}: not valid JSON; each line needs 'query' and 'passage' strings") from None
+    for n, row in json_lines(text, where, "each line needs 'query' and 'passage' strings"):
         if not (isinstance(row, dict) and isinstance(row.get("query"), str) and isinstance(row.get("passage"), str)
                 and row["query"].strip() and row["passage"].strip()):
             raise KananaQuantError(f"{where}:{n}: expected an object with non-empty 'query' and 'passage' strings")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 # Tiny models: BLAS/OpenMP threads cost more in start-up and oversubscription than they give (measured: the
 # suite ran 3x faster single-threaded). Set before numpy/torch load; subprocess CLI tests inherit it.
@@ -53,6 +55,27 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dense(model_dirs):
     return model_dirs("dense-tied")
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """The CLI in-process through `main()` (the console entry point, which maps exceptions to exit codes):
+    run(*args) -> (exit code, stdout, stderr stripped)."""
+    # imported here, not at the top: most test modules never run the CLI
+    from kanana_quant.cli import main
+
+    # main() installs its own SIGTERM handler; the next test must not inherit it
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def invoke(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["kanana-quant", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        out, err = capsys.readouterr()
+        return exit_.value.code, out, err.strip()  # a transient progress bar may leave a blank line
+
+    yield invoke
+    signal.signal(signal.SIGTERM, previous)
 
 
 SAMPLE_TEXT = ("Kanana is a bilingual model. 카카오의 카나나는 한국어와 영어를 함께 배웠습니다. "

@@ -1,7 +1,7 @@
 """Bad invocations, one table: every one must end with exit code 2 (bad input) or 1 (the system failed
 under a correct command) and exactly one line on stderr naming the problem, and leave no output behind.
 
-The CLI runs in-process through `main()` (the console entry point), which is what maps exceptions to exit
+The CLI runs in-process through `main()` (the console entry point; conftest's `run`), which maps exceptions to exit
 codes; test_cli.py and test_interrupts.py run it as a real subprocess.
 """
 
@@ -10,28 +10,9 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import signal
 import struct
-import sys
 
 import pytest
-
-from kanana_quant.cli import main
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def invoke(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["kanana-quant", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_:
-            main()
-        out, err = capsys.readouterr()
-        return exit_.value.code, out, err.strip()  # a transient progress bar may leave a blank line
-
-    yield invoke
-    signal.signal(signal.SIGTERM, previous)
 
 
 def _copy(src, dst):

@@ -147,26 +147,6 @@ def test_preset_is_kanana_nano_shaped():
     assert cfg.num_layers == 32 and not cfg.has_lm_head
 
 
-@pytest.fixture
-def run(monkeypatch, capsys):
-    import signal
-    import sys
-
-    from kanana_quant.cli import main
-
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def invoke(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["kanana-quant", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_:
-            main()
-        out, err = capsys.readouterr()
-        return exit_.value.code, out, err.strip()
-
-    yield invoke
-    signal.signal(signal.SIGTERM, previous)
-
-
 def test_embed_cli_writes_npy_and_jsonl(tiny_embedding, tmp_path, run):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(QUERIES) + "\n\n", encoding="utf-8")

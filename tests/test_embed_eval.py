@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from test_embed import run, tiny_embedding  # noqa: F401 - fixtures
+from test_embed import tiny_embedding  # noqa: F401 - a fixture
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.retrieval import by_language, cosine_rows, load_pairs, retrieval_scores
 

@@ -166,11 +166,13 @@ def _fit_sym(x: np.ndarray, zero: int) -> _Sym:
     return _Sym(d[..., 0], np.clip(np.trunc(v), 0, 2 * zero - 1).astype(np.uint8))
 
 
-def _fit_q4_1(x: np.ndarray) -> _Affine:
+def _fit_affine(x: np.ndarray, nmax: int) -> _Affine:
+    """Q4_1 / Q5_1 as quantize_row_q4_1_ref / q5_1_ref: d = (max − min) / nmax, m = min, codes
+    trunc((x − m)/d + 0.5)."""
     lo = x.min(axis=-1, keepdims=True)
-    d = (x.max(axis=-1, keepdims=True) - lo) / _F32(15)
+    d = (x.max(axis=-1, keepdims=True) - lo) / _F32(nmax)
     v = (x - lo) * _inv(d) + _F32(0.5)
-    return _Affine(d[..., 0], lo[..., 0], np.clip(np.trunc(v), 0, 15).astype(np.uint8))
+    return _Affine(d[..., 0], lo[..., 0], np.clip(np.trunc(v), 0, nmax).astype(np.uint8))
 
 
 def _pack_q8_0(f: _Sym) -> np.ndarray:
@@ -549,13 +551,6 @@ def quantize_q6_k(w, importance=None) -> np.ndarray:
 # Q5_1, and Q4_1 / Q5_1 with an importance matrix (quantize_row_q4_1_impl / q5_1_impl)
 
 
-def _fit_q5_1(x: np.ndarray) -> _Affine:
-    lo = x.min(axis=-1, keepdims=True)
-    d = (x.max(axis=-1, keepdims=True) - lo) / _F32(31)
-    v = (x - lo) * _inv(d) + _F32(0.5)
-    return _Affine(d[..., 0], lo[..., 0], np.clip(np.trunc(v), 0, 31).astype(np.uint8))
-
-
 def _pack_q5_1(f: _Affine) -> np.ndarray:
     return _rows([_f16_bytes(f.d), _f16_bytes(f.m), _bit_plane(f.q, 4), _nibbles(f.q)], T.Q5_1)
 
@@ -573,14 +568,14 @@ def fit_q4_1(w, importance=None) -> _Affine:
     """Q4_1 fields (d, m as fp16, codes): llama.cpp's reference rule, or its imatrix search."""
     x = _blocks(w, T.Q4_1)
     imp = _importance(importance, x, T.Q4_1)
-    return _by_rows(_fit_q4_1, x) if imp is None else _by_rows(_fit_legacy_affine, x, imp, 15)
+    return _by_rows(_fit_affine, x, 15) if imp is None else _by_rows(_fit_legacy_affine, x, imp, 15)
 
 
 def fit_q5_1(w, importance=None) -> _Affine:
     """Q5_1 fields; see fit_q4_1."""
     x = _blocks(w, T.Q5_1)
     imp = _importance(importance, x, T.Q5_1)
-    return _by_rows(_fit_q5_1, x) if imp is None else _by_rows(_fit_legacy_affine, x, imp, 31)
+    return _by_rows(_fit_affine, x, 31) if imp is None else _by_rows(_fit_legacy_affine, x, imp, 31)
 
 
 def quantize_q4_1(w, importance=None) -> np.ndarray:

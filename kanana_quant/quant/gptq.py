@@ -79,6 +79,20 @@ def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return torch.diag(torch.rsqrt(torch.diag(H) + mean_diag))
 
 
+def _add_to_mean(H: torch.Tensor, nsamples: float, x: torch.Tensor, w: torch.Tensor) -> float:
+    """Fold tokens x (rows) with weights w into H = 2/N Σ w_t x_t x_tᵀ, a running mean over the token weight
+    N = nsamples so far, in place; returns the new N."""
+    mass = float(w.sum())
+    if mass <= 0:
+        return nsamples
+    # Rescale the old mean before adding, so H never holds an unnormalised float32 sum over many tokens.
+    H *= nsamples / (nsamples + mass)
+    nsamples += mass
+    x = x * torch.sqrt(2 * w / nsamples).unsqueeze(1)
+    H += x.T @ x
+    return nsamples
+
+
 class HessianMean:
     """H = 2/N Σ w_t x_t x_tᵀ as a running mean over the token weight N seen so far."""
 
@@ -87,14 +101,7 @@ class HessianMean:
         self.nsamples = 0.0
 
     def add(self, x: torch.Tensor, w: torch.Tensor) -> None:
-        mass = float(w.sum())
-        if mass <= 0:
-            return
-        # Rescale the old mean before adding, so H never holds an unnormalised float32 sum over many tokens.
-        self.H *= self.nsamples / (self.nsamples + mass)
-        self.nsamples += mass
-        x = x * torch.sqrt(2 * w / self.nsamples).unsqueeze(1)
-        self.H += x.T @ x
+        self.nsamples = _add_to_mean(self.H, self.nsamples, x, w)
 
 
 class GPTQ:
@@ -129,14 +136,7 @@ class GPTQ:
                 rows = seq % 2 == parity
                 half.add(x[rows], w[rows])
             self.sequences += inp.shape[0]
-        mass = float(w.sum())
-        if mass <= 0:
-            return
-        # Rescale the old mean before adding, so H never holds an unnormalised float32 sum over many tokens.
-        self.H *= self.nsamples / (self.nsamples + mass)
-        self.nsamples += mass
-        x = x * torch.sqrt(2 * w / self.nsamples).unsqueeze(1)
-        self.H += x.T @ x
+        self.nsamples = _add_to_mean(self.H, self.nsamples, x, w)
 
     def fasterquant(self, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = True,
                     static_groups: bool = True, search: bool = True,
