@@ -196,14 +196,35 @@ def quantize_q8_0(w) -> np.ndarray:
     return _pack_q8_0(_by_rows(_fit_q8_0, _blocks(w, T.Q8_0)))
 
 
-def quantize_q4_0(w) -> np.ndarray:
-    """Q4_0 bytes, bit-exact with quantize_row_q4_0_ref: d = max/−8 (signed extreme)."""
-    return _pack_q4_0(_by_rows(_fit_sym, _blocks(w, T.Q4_0), 8))
+def _fit_legacy_sym(x, imp, zero: int) -> _Sym:
+    """make_qx_quants (rmse_type 1) per 32-block with weights importance·sqrt(σ² + x²), σ² = mean x² over the
+    whole row (quantize_row_q4_0_impl / q5_0_impl); d is stored as fp16, the codes are not refitted to it."""
+    return _Sym(*_qx_fit(x, _row_weights(x, imp), zero))
 
 
-def quantize_q5_0(w) -> np.ndarray:
-    """Q5_0 bytes, bit-exact with quantize_row_q5_0_ref: d = max/−16 (signed extreme)."""
-    return _pack_q5_0(_by_rows(_fit_sym, _blocks(w, T.Q5_0), 16))
+def fit_q4_0(w, importance=None) -> _Sym:
+    """Q4_0 fields (d as float32, codes in [0, 15]): llama.cpp's reference rule, or its imatrix search."""
+    x = _blocks(w, T.Q4_0)
+    imp = _importance(importance, x, T.Q4_0)
+    return _by_rows(_fit_sym, x, 8) if imp is None else _by_rows(_fit_legacy_sym, x, imp, 8)
+
+
+def fit_q5_0(w, importance=None) -> _Sym:
+    """Q5_0 fields; see fit_q4_0."""
+    x = _blocks(w, T.Q5_0)
+    imp = _importance(importance, x, T.Q5_0)
+    return _by_rows(_fit_sym, x, 16) if imp is None else _by_rows(_fit_legacy_sym, x, imp, 16)
+
+
+def quantize_q4_0(w, importance=None) -> np.ndarray:
+    """Q4_0 bytes, bit-exact with quantize_row_q4_0_ref (d = max/−8, the signed extreme), or with an
+    importance matrix with quantize_row_q4_0_impl."""
+    return _pack_q4_0(fit_q4_0(w, importance))
+
+
+def quantize_q5_0(w, importance=None) -> np.ndarray:
+    """Q5_0 bytes; see quantize_q4_0 (d = max/−16 without an importance matrix)."""
+    return _pack_q5_0(fit_q5_0(w, importance))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -555,12 +576,17 @@ def _pack_q5_1(f: _Affine) -> np.ndarray:
     return _rows([_f16_bytes(f.d), _f16_bytes(f.m), _bit_plane(f.q, 4), _nibbles(f.q)], T.Q5_1)
 
 
+def _row_weights(x, imp):
+    """The legacy types' imatrix weighting: importance·sqrt(σ² + x²), σ² = mean x² over the whole row [rows,
+    blocks, 32] (the K-quants take σ² per super-block instead: _importance_weights)."""
+    sigma2 = _sum(x.reshape(x.shape[0], -1) ** 2)[:, None, None] / _F32(x.shape[1] * x.shape[2])
+    return imp.reshape(x.shape[1:]) * np.sqrt(sigma2 + x * x)
+
+
 def _fit_legacy_affine(x, imp, nmax: int) -> _Affine:
     """make_qkx3_quants per 32-block with weights importance·sqrt(σ² + x²), σ² = mean x² over the whole row;
     d and m are stored as fp16 and the codes are not refitted to them (as ggml)."""
-    sigma2 = _sum(x.reshape(x.shape[0], -1) ** 2)[:, None, None] / _F32(x.shape[1] * x.shape[2])
-    wt = imp.reshape(x.shape[1:]) * np.sqrt(sigma2 + x * x)
-    scale, mn, L = _affine_fit(x, wt, nmax, *_IMATRIX_SEARCH)
+    scale, mn, L = _affine_fit(x, _row_weights(x, imp), nmax, *_IMATRIX_SEARCH)
     return _Affine(scale.astype(np.float16), (-mn).astype(np.float16), L)
 
 
@@ -879,11 +905,11 @@ QUANTIZERS: dict[T, Callable[..., np.ndarray]] = {
     T.Q5_1: quantize_q5_1, T.Q2_K: quantize_q2_k, T.Q3_K: quantize_q3_k, T.Q4_K: quantize_q4_k,
     T.Q5_K: quantize_q5_k, T.Q6_K: quantize_q6_k, T.IQ4_NL: quantize_iq4_nl, T.IQ4_XS: quantize_iq4_xs,
 }
-TAKES_IMPORTANCE = (T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
+TAKES_IMPORTANCE = (T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 
 
 def quantize(w, qtype: T, importance=None) -> np.ndarray:
-    """Bytes of w as qtype; importance is only accepted by the K-quants."""
+    """Bytes of w as qtype; importance is accepted by TAKES_IMPORTANCE (not Q8_0: llama.cpp ignores it there)."""
     if qtype not in QUANTIZERS:
         names = ", ".join(t.name for t in SUPPORTED)
         raise ValueError(f"{T(qtype).name}: no packer here (supported: {names})")

@@ -306,8 +306,9 @@ def export_gguf(model: LoadedModel, out_path: str | Path, file_type: str,
                 types: dict[str, GGMLQuantizationType] | None = None) -> Path:
     """Write `model` as a llama GGUF of `file_type` (see gguf.mix.FILE_TYPES); returns the path.
 
-    importance: per canonical tensor name, [cols] mean squared activations, used by the K-quant searches
-    (and, as in llama-quantize with an imatrix, it moves Q4_0/Q5_0's first ffn_down layers to Q4_1/Q5_1).
+    importance: per canonical tensor name, [cols] mean squared activations, used by the importance-weighted
+    searches of every type but Q8_0 (and, as in llama-quantize with an imatrix, it moves Q4_0/Q5_0's first
+    ffn_down layers to Q4_1/Q5_1).
     on_tensor: called with a TensorReport after each tensor is written.
     packed: bytes a caller has already packed for some tensors (taken as they are, counted as exact).
     has_imatrix: pick the types llama-quantize picks with an importance matrix (default: whether `importance`
