@@ -16,7 +16,7 @@ from kanana_quant.runtimes.engines import open_engine
 from kanana_quant.runtimes.generate import Decoding
 from kanana_quant.runtimes.numpy_engine import NumpyEngine
 from kanana_quant.runtimes.sampling import Sampler, SamplingParams
-from kanana_quant.runtimes.speculative import Draft, DraftModel, PromptLookup, verify
+from kanana_quant.runtimes.speculative import Adaptive, Draft, DraftModel, PromptLookup, verify
 
 # Input-grounded: the prompt repeats itself, as a RAG answer quotes its context.
 PROMPT = "카나나는 Kanana, a model that reads 카나나는 Kanana, a model that"
@@ -62,6 +62,34 @@ def test_greedy_with_a_draft_model_is_plain_greedy(model_dirs):
         decoding = Decoding(NumpyEngine(target.weights), ids, 40, SamplingParams(), drafter=drafter)
         assert [s.token for s in decoding] == plain
     assert decoding.adaptive.accepted == decoding.adaptive.proposed > 20  # the target drafting for itself
+
+
+def simulate(adaptive: Adaptive, step_seconds, accepted_of, steps: int = 400, timed: bool = True) -> float:
+    """Seconds per emitted token over `steps` decode steps whose cost and acceptance are given: a plain step
+    costs 1, a step verifying k drafts step_seconds(k) and keeps accepted_of(k) of them."""
+    seconds = tokens = 0
+    for _ in range(steps):
+        k = adaptive.size()
+        took, kept = (1.0, 0) if k == 0 else (step_seconds(k), accepted_of(k))
+        adaptive.record(k, kept, took if timed else None)
+        seconds, tokens = seconds + took, tokens + kept + 1
+    return seconds / tokens
+
+
+def test_drafting_that_costs_more_than_it_saves_is_paused():
+    """An engine where verifying k tokens costs 1 + 0.6·k plain steps (llama.cpp's batched kernels on few
+    cores are like this) and the drafts keep half their tokens: drafting loses time. Timed, the policy drafts
+    rarely and stays near plain speed; counting hits alone it kept drafting, 1.1x slower here."""
+    def costly(k):
+        return 1 + 0.6 * k
+
+    def half(k):
+        return k // 2
+
+    assert simulate(Adaptive(), costly, half) < 1.05
+    assert simulate(Adaptive(), costly, half, timed=False) > 1.08
+    # drafts that are cheap to verify and kept keep being drafted: well under a plain step per token
+    assert simulate(Adaptive(), lambda k: 1 + 0.1 * k, lambda k: k) < 0.4
 
 
 def chi_square_threshold(df: int, z: float = 3.09) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
 
@@ -133,13 +134,14 @@ class Decoding:
                     return
             room = min(self.max_tokens - produced - 1, engine.max_seq_len - len(history))
             k = min(self.adaptive.size(), room)
+            began = time.perf_counter()
             draft = self.drafter.propose(history, k) if k > 0 else Draft([])
             draft.tokens = draft.tokens[:max(k, 0)]
             start = engine.pos  # the cache holds everything but the last emitted token
             rows = engine.forward([history[-1]] + draft.tokens, all_logits=True)
             self.forwards += 1
             emitted, kept = verify(sampler, rows, draft, history)
-            self.adaptive.record(len(draft.tokens), kept)
+            self.adaptive.record(len(draft.tokens), kept, time.perf_counter() - began)
             engine.pos = start + 1 + kept  # drop the rejected drafts' keys and values
 
     def _step(self, token: int, logits: np.ndarray) -> Step:

@@ -100,17 +100,32 @@ class DraftModel:
         return Draft(tokens, probs if self.sampler.params.temperature > 0 else None)
 
 
+# Weight of the newest plain step in the running cost of a plain token: it follows the cost's slow growth
+# with the context while smoothing one-off stalls.
+_PLAIN_EMA = 0.3
+
+
 @dataclass
 class Adaptive:
-    """How many tokens to draft next: grows while drafts are accepted, shrinks when they are not, and
-    pauses drafting after misses so open-ended text, where lookups rarely hit, decodes as plainly as ever."""
+    """How many tokens to draft next. k grows while drafts are accepted and shrinks when they are not;
+    drafting pauses after misses, and for longer while they keep missing, so open-ended text, where lookups
+    rarely hit, decodes as plainly as ever.
+
+    It also pauses after any drafting step that cost more time per emitted token than plain steps do (given
+    `seconds`): verifying k tokens costs well over one token's time on some engines (llama.cpp's batched
+    kernels), and there occasional partial hits would keep drafting going at a loss. A plain step right after
+    the first drafting one measures that cost if no plain step has yet. With temperature > 0 the pauses
+    change which random draws are made, so a seeded run's text can differ from run to run; every token is
+    still distributed as in plain sampling."""
 
     k_max: int = 8
     k: int = 4
     pause: int = 0  # plain steps left before drafting again
     misses: int = 0
+    slow: int = 0  # drafting steps in a row that cost more per token than plain ones
     accepted: int = field(default=0)
     proposed: int = field(default=0)
+    plain_seconds: float | None = None  # running cost of one plain step (one emitted token)
 
     def size(self) -> int:
         if self.pause > 0:
@@ -118,8 +133,13 @@ class Adaptive:
             return 0
         return self.k
 
-    def record(self, proposed: int, accepted: int) -> None:
+    def record(self, proposed: int, accepted: int, seconds: float | None = None) -> None:
+        """One step: `proposed` drafted tokens, `accepted` of them kept, the step took `seconds` (drafting,
+        the forward and the acceptance rule; None: not timed)."""
         if not proposed:
+            if seconds is not None:
+                self.plain_seconds = seconds if self.plain_seconds is None else (
+                    _PLAIN_EMA * seconds + (1 - _PLAIN_EMA) * self.plain_seconds)
             return
         self.proposed += proposed
         self.accepted += accepted
@@ -130,6 +150,15 @@ class Adaptive:
             self.pause = min(2 ** self.misses, 32)  # back off exponentially while drafts keep missing
         else:
             self.k, self.misses = max(1, accepted + 1), 0
+        if seconds is None:
+            return
+        if self.plain_seconds is None:
+            self.pause = max(self.pause, 1)  # one plain step, to learn what drafting has to beat
+        elif seconds / (accepted + 1) > self.plain_seconds:  # this step emitted accepted + 1 tokens
+            self.slow += 1
+            self.pause = max(self.pause, min(2 ** self.slow, 64))
+        else:
+            self.slow = 0
 
     @property
     def rate(self) -> float:
