@@ -202,18 +202,22 @@ def _fit_legacy_sym(x, imp, zero: int) -> _Sym:
     return _Sym(*_qx_fit(x, _row_weights(x, imp), zero))
 
 
+def _fit_legacy(w, importance, qtype: T, reference: Callable, imatrix: Callable, n: int):
+    """A 32-block type's fields by llama.cpp's reference rule, or by its imatrix search when given an
+    importance; `n` is the type's zero point (Q4_0, Q5_0) or largest code (Q4_1, Q5_1)."""
+    x = _blocks(w, qtype)
+    imp = _importance(importance, x, qtype)
+    return _by_rows(reference, x, n) if imp is None else _by_rows(imatrix, x, imp, n)
+
+
 def fit_q4_0(w, importance=None) -> _Sym:
     """Q4_0 fields (d as float32, codes in [0, 15]): llama.cpp's reference rule, or its imatrix search."""
-    x = _blocks(w, T.Q4_0)
-    imp = _importance(importance, x, T.Q4_0)
-    return _by_rows(_fit_sym, x, 8) if imp is None else _by_rows(_fit_legacy_sym, x, imp, 8)
+    return _fit_legacy(w, importance, T.Q4_0, _fit_sym, _fit_legacy_sym, 8)
 
 
 def fit_q5_0(w, importance=None) -> _Sym:
     """Q5_0 fields; see fit_q4_0."""
-    x = _blocks(w, T.Q5_0)
-    imp = _importance(importance, x, T.Q5_0)
-    return _by_rows(_fit_sym, x, 16) if imp is None else _by_rows(_fit_legacy_sym, x, imp, 16)
+    return _fit_legacy(w, importance, T.Q5_0, _fit_sym, _fit_legacy_sym, 16)
 
 
 def quantize_q4_0(w, importance=None) -> np.ndarray:
@@ -592,16 +596,12 @@ def _fit_legacy_affine(x, imp, nmax: int) -> _Affine:
 
 def fit_q4_1(w, importance=None) -> _Affine:
     """Q4_1 fields (d, m as fp16, codes): llama.cpp's reference rule, or its imatrix search."""
-    x = _blocks(w, T.Q4_1)
-    imp = _importance(importance, x, T.Q4_1)
-    return _by_rows(_fit_affine, x, 15) if imp is None else _by_rows(_fit_legacy_affine, x, imp, 15)
+    return _fit_legacy(w, importance, T.Q4_1, _fit_affine, _fit_legacy_affine, 15)
 
 
 def fit_q5_1(w, importance=None) -> _Affine:
     """Q5_1 fields; see fit_q4_1."""
-    x = _blocks(w, T.Q5_1)
-    imp = _importance(importance, x, T.Q5_1)
-    return _by_rows(_fit_affine, x, 31) if imp is None else _by_rows(_fit_legacy_affine, x, imp, 31)
+    return _fit_legacy(w, importance, T.Q5_1, _fit_affine, _fit_legacy_affine, 31)
 
 
 def quantize_q4_1(w, importance=None) -> np.ndarray:
