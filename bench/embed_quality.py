@@ -2,7 +2,11 @@
 a bidirectional, mean-pooled encoder, quantized with RTN, GPTQ and AWQ at 4 and 3 bits (group 64), compared by
 cosine similarity with the float encoder's embeddings of real English and Korean text.
 
-    python bench/embed_quality.py [--passages 48] [--pairs 0] [--samples 64] [--seq-len 512]
+    python bench/embed_quality.py [--passages 48] [--pairs 0] [--samples 64] [--seq-len 512] [--methods rtn,gptq,awq]
+                                  [--bits 4,3]
+
+Rows are saved after each method; a run of some methods or bit widths keeps the earlier rows of the others
+measured with the same texts and calibration.
 
 SmolLM2 was not trained as an encoder, so its retrieval scores say little; what this measures is how far each
 quantizer moves the embeddings of a trained Llama backbone run the way Kanana2Vec runs. The float model is the
@@ -25,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import heldout_text, save  # noqa: E402
+from common import earlier_rows, heldout_text, save  # noqa: E402
 
 from kanana_quant import names  # noqa: E402
 from kanana_quant.checkpoint import save_checkpoint  # noqa: E402
@@ -100,7 +104,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=0, help="retrieval pairs per language (0 = all 203)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--bits", default=",".join(str(g[0]) for g in GRIDS))
     args = parser.parse_args()
+    methods, bits_asked = args.methods.split(","), {int(b) for b in args.bits.split(",")}
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="kq-embed-quality-"))
     try:
@@ -113,8 +120,9 @@ def main() -> None:
         ref = embed_all(src, NumpyEngine(src.weights, source=Dequantized(src.weights)), texts)
         rows = [{"method": "float", "retrieval": by_language(pairs, ref["queries"], ref["pair passages"])}]
         print(rows[-1], flush=True)
-        for bits, group, sym in GRIDS:
-            for method in METHODS:
+        path = _save(args, texts, pairs, rows, started)
+        for bits, group, sym in [g for g in GRIDS if g[0] in bits_asked]:
+            for method in [m for m in METHODS if m in methods]:
                 t0 = time.perf_counter()
                 out = quantize_model(src, work / f"{method}-{bits}", QuantOptions(
                     QuantFormat(method, bits, group, sym), samples=args.samples, seq_len=args.seq_len))
@@ -130,16 +138,24 @@ def main() -> None:
                     "retrieval": by_language(pairs, got["queries"], got["pair passages"])})
                 print(json.dumps(rows[-1]), flush=True)
                 shutil.rmtree(out)
+                path = _save(args, texts, pairs, rows, started)  # after every method: a stopped run keeps its rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    command = " ".join(["embed_quality.py", *sys.argv[1:]])
-    path = save("embed_quality", {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized) as a bidirectional mean-pooled encoder",
-        "texts": {k: len(v) for k, v in texts.items()}, "passage_tokens": PASSAGE_TOKENS, "pairs": len(pairs),
-        "calibration": f"builtin + query/passage pairs, {args.samples} x {args.seq_len}",
-        "command": command, "date": time.strftime("%Y-%m-%d"), "rows": rows,
-        "seconds": time.perf_counter() - started})
     print(f"wrote {path}")
+
+
+def _save(args, texts: dict, pairs: list, rows: list, started: float) -> Path:
+    setup = {"texts": {k: len(v) for k, v in texts.items()}, "passage_tokens": PASSAGE_TOKENS, "pairs": len(pairs),
+             "calibration": f"builtin + query/passage pairs, {args.samples} x {args.seq_len}"}
+    done = {(r["method"], r.get("bits")) for r in rows}
+    kept = earlier_rows("embed_quality", lambda r: (r["method"], r.get("bits")) in done,
+                        lambda old: all(old.get(k) == v for k, v in setup.items()))
+    order = [("float", None)] + [(m, g[0]) for g in GRIDS for m in METHODS]
+    merged = sorted(rows + kept, key=lambda r: order.index((r["method"], r.get("bits"))))
+    return save("embed_quality", {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized) as a bidirectional mean-pooled encoder", **setup,
+        "command": " ".join(["embed_quality.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"), "rows": merged,
+        "seconds": time.perf_counter() - started})
 
 
 if __name__ == "__main__":
