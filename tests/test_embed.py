@@ -92,6 +92,8 @@ def test_batching_and_order_do_not_change_embeddings(tiny_embedding):
     together = embed(engine, loaded.tokenizer, loaded.config, texts, batch_size=16)
     alone = np.concatenate([embed(engine, loaded.tokenizer, loaded.config, [t]) for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-6)
+    engine.ENCODE_TOKENS = 24  # a batch split into stacks of a few rows each changes nothing either
+    np.testing.assert_allclose(embed(engine, loaded.tokenizer, loaded.config, texts, batch_size=16), alone, atol=1e-6)
     unit = embed(engine, loaded.tokenizer, loaded.config, texts, normalize=True)
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-5)
 

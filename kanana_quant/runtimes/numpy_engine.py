@@ -221,32 +221,42 @@ class NumpyEngine:
         logits = self.lm_head(x)
         return logits if all_logits else logits[0]
 
+    # Tokens per stacked encoder forward: enough to unpack each quantized weight once for many rows, few
+    # enough that the [tokens, intermediate] temporaries stay small (2048 × 8960 float32 is 73 MB).
+    ENCODE_TOKENS = 2048
+
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, pool_mask: np.ndarray) -> np.ndarray:
         """Mean of the last hidden states over pool_mask, per row of a right-padded batch [B, T] → [B, hidden].
-        The rows' tokens are concatenated without their padding: every linear runs once for the whole batch
-        (a quantized weight is unpacked once per batch, not once per row) and attention runs per row, each row
-        at positions 0..n-1 seeing only its own tokens (no KV cache)."""
-        cfg = self.config
+        Rows run without their padding, their tokens stacked up to ENCODE_TOKENS at a time: every linear runs
+        once per stack (a quantized weight is unpacked once for many rows, not once per row) and attention runs
+        per row, each row at positions 0..n-1 seeing only its own tokens (no KV cache)."""
         lengths = [int(m.sum()) for m in attention_mask]
         if any(not m[:n].all() for m, n in zip(attention_mask, lengths)):
             raise ValueError("attention_mask rows must be right-padded (tokens first, then zeros)")
-        bounds = np.cumsum([0, *lengths])
-        rows = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        ids = np.concatenate([np.asarray(r[:n], np.int64) for r, n in zip(input_ids, lengths)])
-        cos, sin = self._rope_rows(np.concatenate([np.arange(n) for n in lengths]))
-        x = self.embed[ids]
+        rows = [np.asarray(r[:n], np.int64) for r, n in zip(input_ids, lengths)]
+        pools = [np.asarray(p[:n], np.float32) for p, n in zip(pool_mask, lengths)]
+        out, first, tokens = [], 0, 0
+        for b, n in enumerate(lengths + [0]):
+            if b == len(lengths) or (tokens and tokens + n > self.ENCODE_TOKENS):
+                out.append(self._pooled(rows[first:b], pools[first:b]))
+                first, tokens = b, 0
+            tokens += n
+        return np.concatenate(out)
+
+    def _pooled(self, rows: list[np.ndarray], pools: list[np.ndarray]) -> np.ndarray:
+        cfg = self.config
+        bounds = np.cumsum([0, *map(len, rows)])
+        spans = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        cos, sin = self._rope_rows(np.concatenate([np.arange(len(r)) for r in rows]))
+        x = self.embed[np.concatenate(rows)]
         for layer in self.layers:
             q, k, v = self._qkv(layer, rms_norm(x, layer.attn_norm, cfg.rms_norm_eps), cos, sin)
             ctx = np.concatenate([self._attend(q[r], k[r].transpose(1, 0, 2), v[r].transpose(1, 0, 2))
-                                  for r in rows])
+                                  for r in spans])
             x = x + layer.o(ctx)
             x = x + layer.mlp(rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps))
         x = rms_norm(x, self.norm, cfg.rms_norm_eps)
-        out = np.empty((len(lengths), cfg.hidden_size), np.float32)
-        for b, r in enumerate(rows):
-            weights = np.asarray(pool_mask[b][:lengths[b]], np.float32)
-            out[b] = weights @ x[r] / weights.sum()
-        return out
+        return np.stack([p @ x[r] / p.sum() for p, r in zip(pools, spans)])
 
     def _rope_rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         angles = np.outer(positions.astype(np.float64), self.inv_freq)
