@@ -61,7 +61,7 @@ def test_greedy_with_a_draft_model_is_plain_greedy(model_dirs):
         drafter = DraftModel(NumpyEngine(drafter_weights), Sampler(SamplingParams()))
         decoding = Decoding(NumpyEngine(target.weights), ids, 40, SamplingParams(), drafter=drafter)
         assert [s.token for s in decoding] == plain
-    assert decoding.adaptive.accepted == decoding.adaptive.proposed > 20  # the target drafting for itself
+    assert decoding.adaptive.accepted == decoding.adaptive.proposed >= 16  # the target drafting for itself
 
 
 def simulate(adaptive: Adaptive, step_seconds, accepted_of, steps: int = 400, timed: bool = True) -> float:

@@ -84,7 +84,7 @@ class Decoding:
         self.engine, self.prompt_ids, self.max_tokens, self.params = engine, list(prompt_ids), max_tokens, params
         self.stop_ids, self.cached, self.constraint, self.logprobs = set(stop_ids), cached, constraint, logprobs
         self.drafter = drafter if constraint is None else None
-        self.adaptive = Adaptive(k_max=k_max, k=min(4, k_max))
+        self.adaptive = Adaptive(k_max=k_max, k=min(2, k_max))
         self.forwards = 0  # model forwards after the prompt (for speed accounting)
         self.finish_reason: str | None = None
 

@@ -147,7 +147,7 @@ class Adaptive:
             self.k, self.misses = min(self.k_max, self.k + 2), 0
         elif accepted == 0:
             self.k, self.misses = max(1, self.k // 2), self.misses + 1
-            self.pause = min(2 ** self.misses, 32)  # back off exponentially while drafts keep missing
+            self.pause = min(2 ** (self.misses + 1), 128)  # back off exponentially while drafts keep missing
         else:
             self.k, self.misses = max(1, accepted + 1), 0
         if seconds is None:
