@@ -99,6 +99,47 @@ def earlier_rows(name: str, redone, same_setup=lambda old: True) -> list[dict]:
     return [r for r in old.get("rows", []) if not redone(r)] if same_setup(old) else []
 
 
+def float_checkpoint(model, out: Path, **config) -> Path:
+    """A loaded model (e.g. a GGUF, dequantized) as a float32 Hugging Face directory, config.json updated with
+    `config`: the form other tools and our own checkpoint readers take."""
+    from kanana_quant import names
+    from kanana_quant.checkpoint import save_checkpoint
+    from kanana_quant.safetensors_io import TensorSpec
+
+    cfg, raw = model.config, {**model.config.raw, **config}
+    hf = names.hf_name_map(cfg)
+    canonical = {v: k for k, v in hf.items()}
+    specs = [TensorSpec(hf[n], "F32", names.tensor_shape(cfg, n)) for n in names.canonical_names(cfg)
+             if not (n == "lm_head" and raw.get("tie_word_embeddings"))]
+    files = {"config.json": json.dumps(raw, indent=2, ensure_ascii=False), **model.tokenizer.to_files()}
+    return save_checkpoint(out, specs, lambda s: model.weights.get(canonical[s.name]), files)
+
+
+def bench_venv(name: str, installs: list[list[str]]) -> Path:
+    """The python of CACHE/bench-venvs/NAME, a venv for a tool whose dependencies clash with ours, created on
+    first use: one `pip install` per list in `installs`, in order (torch==2.13.0 first, so the tool's own
+    resolution keeps the CPU build instead of pulling a multi-GB CUDA one). Reused while its recorded
+    `installs` are the same; a different list rebuilds it."""
+    root = CACHE / "bench-venvs"
+    venv = root / name
+    python = venv / "bin" / "python"
+    stamp = venv / "kanana-installs.json"
+    wanted = json.dumps(installs)
+    if python.is_file() and stamp.is_file() and stamp.read_text() == wanted:
+        return python
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"creating {venv} ({'; '.join(' '.join(i) for i in installs)}), once", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    with open(root / f"{name}-install.log", "w") as log:
+        for packages in installs:
+            done = subprocess.run([str(python), "-m", "pip", "install", *packages], check=False, stdout=log,
+                                  stderr=subprocess.STDOUT)
+            if done.returncode:
+                raise SystemExit(f"pip install {' '.join(packages)} into {venv} failed; see {log.name}")
+    stamp.write_text(wanted)
+    return python
+
+
 LLAMACPP_TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as the Python binding is built (llama.cpp #20824)
 

@@ -29,10 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import earlier_rows, heldout_text, save  # noqa: E402
+from common import earlier_rows, float_checkpoint, heldout_text, save  # noqa: E402
 
-from kanana_quant import names  # noqa: E402
-from kanana_quant.checkpoint import save_checkpoint  # noqa: E402
 from kanana_quant.embed import embed  # noqa: E402
 from kanana_quant.loader import open_model  # noqa: E402
 from kanana_quant.qcheckpoint import QuantFormat  # noqa: E402
@@ -40,7 +38,6 @@ from kanana_quant.quant.driver import quantize_model  # noqa: E402
 from kanana_quant.quant.options import QuantOptions  # noqa: E402
 from kanana_quant.retrieval import INSTRUCTION, by_language, cosine_rows, load_pairs  # noqa: E402
 from kanana_quant.runtimes.numpy_engine import FloatLinear, NumpyEngine  # noqa: E402
-from kanana_quant.safetensors_io import TensorSpec  # noqa: E402
 from kanana_quant.smollm import smollm2_gguf  # noqa: E402
 
 GRIDS = [(4, 64, True), (3, 64, True)]
@@ -50,16 +47,8 @@ PASSAGE_TOKENS = 128
 
 def encoder_dir(gguf: Path, out: Path) -> Path:
     """SmolLM2's weights as a float HF directory declared a mean-pooled bidirectional Llama encoder."""
-    model = open_model(str(gguf))
-    raw = {**model.config.raw, "architectures": ["LlamaBidirectionalModel"], "model_type": "llama",
-           "pooling": "mean", "is_causal": False, "tie_word_embeddings": True}
-    cfg = model.config
-    hf = names.hf_name_map(cfg)
-    canonical = {v: k for k, v in hf.items()}
-    specs = [TensorSpec(hf[n], "F32", names.tensor_shape(cfg, n)) for n in names.canonical_names(cfg)
-             if n != "lm_head"]
-    files = {"config.json": json.dumps(raw, indent=2, ensure_ascii=False), **model.tokenizer.to_files()}
-    return save_checkpoint(out, specs, lambda s: model.weights.get(canonical[s.name]), files)
+    return float_checkpoint(open_model(str(gguf)), out, architectures=["LlamaBidirectionalModel"],
+                            model_type="llama", pooling="mean", is_causal=False, tie_word_embeddings=True)
 
 
 class Dequantized:

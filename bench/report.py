@@ -63,6 +63,28 @@ def _figure(name: str, results: list[dict], draw) -> str:
     return f"![{name}](bench/figures/{name}.png)"
 
 
+def tool_notes(rows: list[dict]) -> list[str]:
+    """What each other tool's row ran (bench/llmcompressor_run.py's report): versions, the recipe's settings,
+    the check that its export is the tool's own model, and any patch it needed on this machine."""
+    notes = {}
+    for r in rows:
+        if "tool" not in r:
+            continue
+        steps = []
+        for name, fields in r["recipe"].items():
+            settings = {k: v for k, v in fields.items() if not isinstance(v, (list, dict))}
+            if "weights" in fields:
+                settings["observer"] = fields["weights"].get("observer")
+            steps.append(f"{name}({', '.join(f'{k}={v}' for k, v in settings.items())})")
+        check = r["grid_check"]
+        notes.setdefault(r["method"], []).append(
+            f"{r['grid']}: {', '.join(f'{k} {v}' for k, v in r['tool'].items())}; {' then '.join(steps)}; "
+            f"{check['quantized_linears']} linears, at most {check['max_levels_per_group']} distinct values per "
+            f"group, logits within {check['export_max_logit_diff']:.2g} of the tool's own fake-quantized forward"
+            + (f"; {r['cpu_patch']}" if r.get("cpu_patch") else ""))
+    return [f"- {method}: " + " — ".join(parts) for method, parts in notes.items()] + ([""] if notes else [])
+
+
 def quality_section(q: dict, g: dict | None) -> list[str]:
     rows = q["rows"]
     float_row = next(r for r in rows if r["bits"] == 16)
@@ -86,7 +108,7 @@ def quality_section(q: dict, g: dict | None) -> list[str]:
         calibration = "–" if r["method"].startswith("rtn") else r.get("calibration", EARLIER_CALIBRATION)
         lines.append(f"| {r['method']} | {key} | {r['bpw']:.4g} | {r['en']:.2f} | {d_en:.2f} ({d_en / base[0]:.2f}) "
                      f"| {r['ko']:.3f} | {d_ko:.3f} ({d_ko / base[1]:.2f}) | {calibration} |")
-    lines.append("")
+    lines += ["", *tool_notes(rows)]
 
     def draw(plt):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
