@@ -5,7 +5,8 @@ English / Korean Hessians (8 × 512 tokens each), relative to llama.cpp's imatri
     python bench/gptq_heldout.py [SAMPLES=16] [LAYERS=0,8,16,24,29]
 
 Roundings: RTN on our clipping grid, and GPTQ (act order) on our clipping grid and on llama.cpp's imatrix
-grid, at damping 0.01 and 0.1. The float model's activations feed every layer. Prints one line per tensor.
+grid, at damping 0.01 and 0.1 and with H shrunk 30% / 60% toward its diagonal. The float model's activations
+feed every layer. Prints one line per tensor.
 (Issue 19: why GPTQ GGUFs lose to llama.cpp+imatrix on English held-out text.)"""
 import sys
 import numpy as np
@@ -64,11 +65,15 @@ for i in range(cfg.num_layers):
             q, wq = clip.grid.round(W, clip.grid.scale, clip.grid.zero)
             res["rtn-clip"] = W - wq
             for gname, gfit in (("clip", lambda w_, i_: ggml_grid.fitter(T.Q4_0)(w_, i_).grid), ("llama", llama_grid)):
-                for damp in (0.01, 0.1):
+                # damping, and shrinking H toward its diagonal by `shrink` (s>0): regularisers for a Hessian
+                # that fits the calibration tokens too well
+                for damp, shrink in ((0.01, 0), (0.1, 0), (0.01, 0.3), (0.01, 0.6)):
                     g = GPTQ(W)
                     g.add_batch(acts["cal"][None])
+                    if shrink:
+                        g.H = (1 - shrink) * g.H + shrink * torch.diag(torch.diag(g.H))
                     r = g.fasterquant(QuantSpec(4, 32, True), percdamp=damp, act_order=True, grid=gfit)
-                    res[f"gptq-{gname}-d{damp}"] = W - r.weight
+                    res[f"gptq-{gname}-d{damp}" + (f"-s{shrink}" if shrink else "")] = W - r.weight
             base = {k: err(res["rtn-llama-imatrix"], H[k]) for k in H}
             print(f"layer {i} {role}: " + " | ".join(
                 f"{name} " + " ".join(f"{k} {err(D, H[k]) / base[k]:.3f}" for k in H) for name, D in res.items()), flush=True)

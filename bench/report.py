@@ -148,7 +148,8 @@ def gguf_section(g: dict) -> list[str]:
     if "scorer" not in g:  # results before issue 19: llama-cpp-python's logits, llama.cpp without an imatrix
         return _gguf_section_v1(g)
     lines = ["## GGUF in llama.cpp: ours vs llama.cpp with and without an importance matrix", "",
-             f"Data: {provenance(g)}. Every file scored by llama.cpp's `{g['scorer']}` (each chunk's second half "
+             f"Data: {provenance(g)}; rows that run did not redo come from earlier runs with the same scorer and "
+             f"calibration. Every file scored by llama.cpp's `{g['scorer']}` (each chunk's second half "
              f"scored) on held-out English and Korean; llama.cpp tools: {g['llama_cpp_tools']}. "
              "`llama.cpp` = `llama-quantize` of our F16 GGUF; `llama.cpp+imatrix` = the same with `--imatrix` from "
              "`llama-imatrix` on our calibration windows "
