@@ -153,11 +153,8 @@ def main() -> None:
                 row = {"type": file_type, "method": method, "bytes": path.stat().st_size, "seconds": round(seconds, 1),
                        **ppl, **{f"dppl_{lang}": ppl[lang] - base[lang] for lang in texts}, **notes.get(method, {})}
                 rows.append(row)
-            ref = next(r for r in rows if r["type"] == file_type and r["method"] == "llama.cpp+imatrix")
-            for row in rows:
+            for row in _with_ratios(rows):
                 if row["type"] == file_type:
-                    for lang in texts:
-                        row[f"x_imatrix_{lang}"] = row[f"dppl_{lang}"] / ref[f"dppl_{lang}"]
                     print(row, flush=True)
             _save(args, tools, rows)  # after every type, so a long run that stops keeps what it measured
     _print(rows)
@@ -169,6 +166,16 @@ def _setup(args) -> dict:
                             "imatrix": "llama-imatrix on the same windows, decoded to text"}}
 
 
+def _with_ratios(rows: list) -> list:
+    """rows, each given its ΔPPL over its type's llama.cpp+imatrix row (× imatrix), in place."""
+    refs = {r["type"]: r for r in rows if r["method"] == "llama.cpp+imatrix"}
+    for r in rows:
+        if r["type"] in refs:
+            for lang in ("en", "ko"):
+                r[f"x_imatrix_{lang}"] = r[f"dppl_{lang}"] / refs[r["type"]][f"dppl_{lang}"]
+    return rows
+
+
 def _save(args, tools: dict, rows: list) -> None:
     """This run's rows plus an earlier run's (type, method) rows it did not redo (same scorer and calibration),
     their ratios recomputed against this run's llama.cpp+imatrix row of the type."""
@@ -176,12 +183,7 @@ def _save(args, tools: dict, rows: list) -> None:
     setup = _setup(args)
     kept = earlier_rows("gguf_quality", lambda r: (r["type"], r["method"]) in done,
                         lambda old: all(old.get(k) == v for k, v in setup.items()))
-    rows = rows + kept
-    refs = {r["type"]: r for r in rows if r["method"] == "llama.cpp+imatrix"}
-    for r in rows:
-        if r["type"] in refs:
-            for lang in ("en", "ko"):
-                r[f"x_imatrix_{lang}"] = r[f"dppl_{lang}"] / refs[r["type"]][f"dppl_{lang}"]
+    rows = _with_ratios(rows + kept)
     order = {"F16": -1, **{t: i for i, t in enumerate(dict.fromkeys(r["type"] for r in rows if r["type"] != "F16"))}}
     rank = {"llama.cpp": 0, "llama.cpp+imatrix": 1}  # then AutoRound's rows, then ours
     rows.sort(key=lambda r: (order[r["type"]], rank.get(r["method"], 3 if r["method"].startswith(OURS) else 2)))
