@@ -8,6 +8,7 @@ import pytest
 from conftest import SAMPLE_TEXT
 from kanana_quant import resources
 from kanana_quant.errors import KananaQuantError
+from kanana_quant.exporters.onnx import export_onnx
 from kanana_quant.gguf.writer import export_gguf
 from kanana_quant.loader import open_model
 from kanana_quant.runtimes.engines import kv_cache_bytes, open_engine
@@ -22,6 +23,27 @@ def test_f16_cache_in_numpy_stays_close_to_f32(tiny_dense):
     a, b = f32.forward(ids, all_logits=True), f16.forward(ids, all_logits=True)
     assert f16.k_cache.dtype == np.float16 and f16.k_cache.nbytes * 2 == f32.k_cache.nbytes
     assert 0 < np.max(np.abs(a - b)) < 2e-2 * np.abs(a).max()  # rounded, not broken
+
+
+def test_f16_cache_in_onnxruntime_stays_close_to_f32(tiny_dense, tmp_path):
+    """The export declares a float32 cache; opened with f16 the engine's buffers and the graph's cache tensors
+    are float16 (a graph left float32 would refuse the float16 buffers). Prefill, then decode on the cache."""
+    from kanana_quant.runtimes.onnx_engine import OnnxEngine
+
+    model = open_model(str(tiny_dense))
+    onnx_dir = export_onnx(model, tmp_path / "onnx").path
+    ids = model.tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)
+    runs = {}
+    for kv in ("f32", "f16"):
+        engine = OnnxEngine(onnx_dir, max_seq_len=128, threads=1, kv_type=kv)
+        runs[kv] = np.concatenate([engine.forward(ids[:-3], all_logits=True), engine.forward(ids[-3:], all_logits=True)])
+        assert engine._keys[0].dtype == np.dtype({"f32": np.float32, "f16": np.float16}[kv])
+    diff = np.max(np.abs(runs["f32"] - runs["f16"]))
+    assert 0 < diff < 2e-2 * np.abs(runs["f32"]).max()  # rounded, not broken
+    # through open_engine (a child process by default) too
+    isolated = open_engine(open_model(str(onnx_dir)), "onnxruntime", max_seq_len=128, threads=1, kv_type="f16")
+    split = np.concatenate([isolated.forward(ids[:-3], all_logits=True), isolated.forward(ids[-3:], all_logits=True)])
+    np.testing.assert_allclose(split, runs["f16"], rtol=0, atol=1e-4)
 
 
 def test_q8_0_cache_in_llamacpp_stays_close_to_f32(model_dirs, tmp_path):

@@ -24,10 +24,21 @@ PROMPT = "카나나는 Kanana, a model that reads 카나나는 Kanana, a model t
 
 def test_prompt_lookup_copies_the_latest_continuation():
     lookup = PromptLookup(max_ngram=3)
-    assert lookup.propose([5, 6, 7, 8, 1, 2, 5, 6, 9, 5, 6], 3).tokens == [9, 5, 6]  # latest "5 6" → 9 5 6
-    assert lookup.propose([1, 2, 3, 4, 2, 3], 2).tokens == [4, 2]  # the longest n-gram wins ("2 3")
+    assert lookup.propose([5, 6, 7, 8, 1, 2, 5, 6, 9, 5, 6], 3).tokens == [9, 5]  # latest "5 6" → 9 5
+    assert lookup.propose([1, 2, 3, 4, 9, 1, 2, 3], 4).tokens == [4, 9, 1]  # the longest n-gram wins ("1 2 3")
+    assert lookup.propose([1, 2, 3, 4, 2, 3], 1).tokens == [4]  # no more than asked for
     assert lookup.propose([1, 2, 3, 4], 4).tokens == []  # nothing recurs
+    assert lookup.propose([1, 2, 3, 1], 4).tokens == []  # one recurring token is no evidence of a copy
     assert lookup.propose([7, 7], 0).tokens == []
+
+
+def test_a_draft_is_no_longer_than_the_match_behind_it():
+    """A 2-token match drafts 2 tokens, a 6-token one 6: the longer the copy so far, the more is risked."""
+    lookup = PromptLookup()
+    span = list(range(100, 120))
+    assert lookup.propose(span + [1] + span[:2], 16).tokens == span[2:4]
+    assert lookup.propose(span + [1] + span[:6], 16).tokens == span[6:12]
+    assert lookup.propose(span + [1] + span[:12], 16).tokens == span[12:20]  # capped at max_ngram = 8
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from kanana_quant.errors import KananaQuantError
 
 ENGINES = ("auto", "numpy", "llama.cpp", "onnxruntime")
 # KV-cache storage by engine (the first is the engine's default) and bytes per cached value. onnxruntime's
-# GroupQueryAttention takes the graph's float32 cache; llama.cpp quantizes V only with flash attention on.
-KV_TYPES = {"numpy": ("f32", "f16"), "onnxruntime": ("f32",), "llama.cpp": ("f16", "f32", "q8_0")}
+# GroupQueryAttention stores float32 or float16; llama.cpp quantizes V only with flash attention on.
+KV_TYPES = {"numpy": ("f32", "f16"), "onnxruntime": ("f32", "f16"), "llama.cpp": ("f16", "f32", "q8_0")}
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 PACKAGES = {"llama.cpp": ("llama_cpp", "llamacpp"), "onnxruntime": ("onnxruntime", "onnx")}  # module, extra
 
@@ -97,7 +97,7 @@ def open_engine(loaded, engine: str = "auto", max_seq_len: int | None = None, th
         return LlamaCppEngine(loaded.path, loaded.config, max_seq_len=max_seq_len, threads=threads, kv_type=kv_type)
     from kanana_quant.runtimes.onnx_engine import OnnxEngine
 
-    return OnnxEngine(loaded.path, max_seq_len=max_seq_len, threads=threads)
+    return OnnxEngine(loaded.path, max_seq_len=max_seq_len, threads=threads, kv_type=kv_type)
 
 
 def open_encoder(loaded, engine: str = "auto", threads: int | None = None, isolated: bool = True):

@@ -154,7 +154,8 @@ def _open(spec: dict):
         return engine, engine.configuration
     from kanana_quant.runtimes.onnx_engine import OnnxEngine, describe
 
-    return OnnxEngine(path, max_seq_len=spec["max_seq_len"], threads=spec["threads"]), describe()
+    return OnnxEngine(path, max_seq_len=spec["max_seq_len"], threads=spec["threads"],
+                      kv_type=spec["kv_type"]), describe()
 
 
 def _open_encoder(spec: dict, path: Path):

@@ -3,7 +3,10 @@ Engine protocol as the numpy runtime (forward / pos / reset), so generate, chat 
 
 The KV cache is one preallocated buffer per layer that GroupQueryAttention reads and writes in place (past and
 present are bound to the same OrtValue through IO binding); `pos` only says how much of it is valid, so
-lowering it rewinds the cache for free. The graph is onnxruntime-genai's (onnx_sidecar.py): the engine feeds an
+lowering it rewinds the cache for free. Its storage type is chosen when the engine opens (`kv_type`): the
+export declares a float32 cache, and for f16 the engine retypes the graph's cache inputs and outputs before
+onnxruntime loads it (GroupQueryAttention computes in float32 and stores the cache in float16), so any export
+runs with either. The graph is onnxruntime-genai's (onnx_sidecar.py): the engine feeds an
 all-ones `attention_mask` as wide as the valid cache plus the new tokens, and prefill asks for the logits of
 the last position only (`logits_to_keep` = 1), unless every position's logits are wanted.
 """
@@ -14,6 +17,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from kanana_quant.config import load_config
@@ -22,6 +26,8 @@ from kanana_quant.exporters import onnx_sidecar as sc
 from kanana_quant.runtimes.generate import kv_capacity, thread_budget
 
 MIN_CACHE = 256
+# the KV types this engine stores: numpy dtype of the buffers, ONNX element type of the graph's cache tensors
+KV_DTYPES = {"f32": (np.float32, onnx.TensorProto.FLOAT), "f16": (np.float16, onnx.TensorProto.FLOAT16)}
 SPIN_ENV = "KANANA_QUANT_ORT_SPIN"
 
 
@@ -50,7 +56,8 @@ def describe() -> str:
 class OnnxEngine:
     name = "onnxruntime"
 
-    def __init__(self, path: Path, max_seq_len: int | None = None, threads: int | None = None):
+    def __init__(self, path: Path, max_seq_len: int | None = None, threads: int | None = None,
+                 kv_type: str = "f32"):
         path = Path(path)
         if not sc.is_onnx_export(path):
             raise KananaQuantError(f"{path}: not an ONNX export directory (no {sc.SIDECAR} / {sc.MODEL_FILE}); "
@@ -61,7 +68,8 @@ class OnnxEngine:
         self.config = cfg = load_config(path)
         context = int(self.sidecar["model"].get("context_length") or cfg.max_position_embeddings)
         self.max_seq_len = min(max_seq_len or context, context)
-        self.session = _open_session(path, threads)
+        self.kv_dtype = KV_DTYPES[kv_type][0]
+        self.session = _open_session(path, threads, cache_type=KV_DTYPES[kv_type][1], layers=cfg.num_layers)
         self._keys: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self._ort_cache: list[tuple[ort.OrtValue, ort.OrtValue]] = []
@@ -72,6 +80,12 @@ class OnnxEngine:
     def reset(self) -> None:
         self.pos = 0
 
+    def reserve(self, length: int) -> list[np.ndarray]:
+        """Allocate the KV cache for `length` tokens now rather than as the context grows; its buffers, the keys
+        then the values of every layer ([1, kv heads, capacity, head dim] each)."""
+        self._ensure_cache(length)
+        return self._keys + self._values
+
     def _ensure_cache(self, length: int) -> None:
         capacity = kv_capacity(length, self._capacity, self.max_seq_len, MIN_CACHE)
         if capacity == self._capacity:
@@ -80,7 +94,7 @@ class OnnxEngine:
         shape = (1, cfg.num_kv_heads, capacity, cfg.head_dim)
         keys, values, bound = [], [], []
         for layer in range(cfg.num_layers):
-            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            k, v = np.zeros(shape, self.kv_dtype), np.zeros(shape, self.kv_dtype)
             if self._keys:  # keep what is cached: it is the prefix of the new buffer
                 k[:, :, :self._capacity] = self._keys[layer]
                 v[:, :, :self._capacity] = self._values[layer]
@@ -144,11 +158,23 @@ class OnnxEncoder:
         return self.session.run([sc.EMBEDDINGS], feeds)[0]
 
 
-def _open_session(path: Path, threads: int | None) -> "ort.InferenceSession":
-    """The export's model on the CPU provider; an unreadable model is one line naming the file."""
+def _open_session(path: Path, threads: int | None, cache_type: int = onnx.TensorProto.FLOAT,
+                  layers: int = 0) -> "ort.InferenceSession":
+    """The export's model on the CPU provider, its `layers` KV-cache tensors retyped to `cache_type` when that
+    is not the float32 the export declares; an unreadable model is one line naming the file."""
+    model_file = path / sc.MODEL_FILE
+    options = session_options(thread_budget(threads))
     try:
-        return ort.InferenceSession(str(path / sc.MODEL_FILE), session_options(thread_budget(threads)),
-                                    providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-        raise KananaQuantError(f"{path / sc.MODEL_FILE}: onnxruntime cannot load it "
+        if cache_type == onnx.TensorProto.FLOAT:
+            return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        # The graph alone (its weights stay in model.onnx.data, which onnxruntime reads from the export folder).
+        model = onnx.load(str(model_file), load_external_data=False)
+        cache = {name for layer in range(layers) for name in (*sc.past_names(layer), *sc.present_names(layer))}
+        for value in (*model.graph.input, *model.graph.output):
+            if value.name in cache:
+                value.type.tensor_type.elem_type = cache_type
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path))
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnx and onnxruntime raise their own exception types for unreadable models
+        raise KananaQuantError(f"{model_file}: onnxruntime cannot load it "
                                f"({str(e).splitlines()[0][:300]}); re-export with `kanana-quant export onnx`")

@@ -39,10 +39,17 @@ class Drafter(Protocol):
 @dataclass
 class PromptLookup:
     """n-gram lookup in the sequence itself: the longest suffix of up to `max_ngram` tokens (at least
-    `min_ngram`) that occurred before; its most recent earlier occurrence's continuation is the draft."""
+    `min_ngram`) that occurred before; its most recent earlier occurrence's continuation is the draft, no
+    longer than the suffix that matched.
 
-    max_ngram: int = 3
-    min_ngram: int = 1
+    Why that cap: the longer the matched suffix, the likelier the copy goes on, and a draft the model
+    rejects still costs its verification. Simulated on the greedy answers of bench/data/tasks.json
+    (SmolLM2, a verify of k tokens costing 1 + 0.225·k plain steps, as onnxruntime's did there), copying
+    tasks went from 1.2–1.5× plain decode with a 1–3-gram match and drafts of up to 8 to 1.4–1.8× with
+    this rule, chat staying at 1.03–1.07×; a single matching token drafts nothing (it recurs everywhere)."""
+
+    max_ngram: int = 8
+    min_ngram: int = 2
 
     def propose(self, history: Sequence[int], k: int) -> Draft:
         if k <= 0:
@@ -56,7 +63,7 @@ class PromptLookup:
             hits = np.flatnonzero((windows == suffix).all(axis=1))
             if hits.size:
                 start = int(hits[-1]) + n  # the latest occurrence: the freshest context
-                draft = seq[start:start + k].tolist()
+                draft = seq[start:start + min(k, n)].tolist()
                 if draft:
                     return Draft(draft)
         return Draft([])
@@ -107,21 +114,22 @@ _PLAIN_EMA = 0.3
 
 @dataclass
 class Adaptive:
-    """How many tokens to draft next. k grows while drafts are accepted and shrinks when they are not;
-    drafting pauses after misses, and for longer while they keep missing, so open-ended text, where lookups
-    rarely hit, decodes as plainly as ever.
+    """How many tokens to draft next, and when not to draft at all. k grows while drafts are accepted and
+    shrinks when they are not.
 
-    It also pauses after any drafting step that cost more time per emitted token than plain steps do (given
-    `seconds`): verifying k tokens costs well over one token's time on some engines (llama.cpp's batched
-    kernels), and there occasional partial hits would keep drafting going at a loss. A plain step right after
-    the first drafting one measures that cost if no plain step has yet. With temperature > 0 the pauses
-    change which random draws are made, so a seeded run's text can differ from run to run; every token is
-    still distributed as in plain sampling."""
+    Drafting pauses after any drafting step that cost more time per emitted token than plain steps do (given
+    `seconds`), for longer while such steps follow each other: a missed draft is such a step (one token for
+    a verify and the drafting), and so is a partly kept one where verifying k tokens costs well over one
+    token's time (llama.cpp's batched kernels). So open-ended text, where drafts rarely hold, decodes as
+    plainly as ever. (An earlier extra pause after every miss cost the copying tasks of bench/speed.py --tasks
+    up to 0.15× of plain speed in simulation, and the timing already pauses after a miss.) A plain step right
+    after the first drafting one measures a plain step's cost if no plain step has yet. With temperature > 0
+    the pauses change which random draws are made, so a seeded run's text can differ from run to run; every
+    token is still distributed as in plain sampling."""
 
     k_max: int = 8
     k: int = 4
     pause: int = 0  # plain steps left before drafting again
-    misses: int = 0
     slow: int = 0  # drafting steps in a row that cost more per token than plain ones
     accepted: int = field(default=0)
     proposed: int = field(default=0)
@@ -144,12 +152,11 @@ class Adaptive:
         self.proposed += proposed
         self.accepted += accepted
         if accepted == proposed:
-            self.k, self.misses = min(self.k_max, self.k + 2), 0
+            self.k = min(self.k_max, self.k + 2)
         elif accepted == 0:
-            self.k, self.misses = max(1, self.k // 2), self.misses + 1
-            self.pause = min(2 ** (self.misses + 1), 128)  # back off exponentially while drafts keep missing
+            self.k = max(1, self.k // 2)
         else:
-            self.k, self.misses = max(1, accepted + 1), 0
+            self.k = max(1, accepted + 1)
         if seconds is None:
             return
         if self.plain_seconds is None:
