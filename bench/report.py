@@ -403,6 +403,27 @@ def kv_cache_section(k: dict) -> list[str]:
     return lines + [""]
 
 
+def long_context_section(c: dict) -> list[str]:
+    """long_context.py: resident memory and decode speed of the 8B shape with a long cache, per engine and KV
+    type, each context's rows side by side with llama.cpp's q8_0 cache."""
+    lines = ["## Long context: Kanana-1.5-8B shape at 4K–32K tokens", "",
+             f"Data: {provenance(c)}, {c['threads']} threads, {c['decode']} decode steps per row. Weights: "
+             f"{c['grid']}, files {c['files_gib']} GiB. llama.cpp: {c['llama_cpp_build'].get('configuration', '?')}. "
+             + " ".join(c["protocol"].split()), "",
+             "| context | engine | KV type | KV cache GiB | RSS GiB | peak RSS GiB | decode tok/s | × llama.cpp q8_0 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in c["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['context']} | {r['engine']} | {r['kv_type']} | – | failed ({r['failed']}) | | | |")
+            continue
+        ref = next((x for x in c["rows"] if x["context"] == r["context"] and x["engine"] == "llama.cpp"
+                    and x["kv_type"] == "q8_0" and "failed" not in x), None)
+        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref else "–"
+        lines.append(f"| {r['context']} | {r['engine']} | {r['kv_type']} | {r['kv_cache_gib']} | {r['rss_gib']:.2f} | "
+                     f"{r['peak_rss_gib']:.2f} | {r['decode_tok_s']:.2f} | {ratio} |")
+    return lines + [""]
+
+
 def embed_quality_section(q: dict) -> list[str]:
     """bench/embed_quality.py: each quantizer's embeddings against the float encoder's, on real text."""
     kinds = [k for k in ("en", "ko", "queries", "pair passages") if k in q["texts"]]
@@ -558,9 +579,11 @@ def main() -> None:
         lines += serve_section(serve)
     if grammar:
         lines += grammar_section(grammar)
-    kv_cache = load("kv_cache")
+    kv_cache, long_context = load("kv_cache"), load("long_context")
     if kv_cache:
         lines += kv_cache_section(kv_cache)
+    if long_context:
+        lines += long_context_section(long_context)
     embed_speed, embed_quality = load("embed_speed"), load("embed_quality")
     if embed_speed:
         lines += embed_speed_section(embed_speed)

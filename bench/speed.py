@@ -248,20 +248,27 @@ def checkpoint_map(entries: list[str], presets: list[str]) -> dict[str, Path]:
     return out
 
 
-def smollm2_exports(work: Path, env: dict) -> dict:
-    """SmolLM2-135M-Instruct (real weights) RTN 4-bit g64 sym, as ONNX and as a Q4_0 GGUF carrying its codes."""
+def smollm2_exports(work: Path, env: dict, bits: int = 4) -> dict:
+    """SmolLM2-135M-Instruct (real weights) RTN `bits`-bit g64 sym, as ONNX and as a GGUF carrying its codes
+    (Q4_0 for 4 bits, Q8_0 for 8)."""
     from kanana_quant.smollm import smollm2_gguf
 
-    q4 = work / "smollm2-rtn4-g64"
-    if not q4.exists():
-        sh(cli("quantize", smollm2_gguf(), "-o", q4, "--method", "rtn", "--bits", 4, "--group-size", 64,
+    q = work / f"smollm2-rtn{bits}-g64"
+    if not q.exists():
+        sh(cli("quantize", smollm2_gguf(), "-o", q, "--method", "rtn", "--bits", bits, "--group-size", 64,
                "--samples", 1, "--seq-len", 16), env)
-    onnx_dir, gguf = work / "smollm2-rtn4-g64-onnx", work / "smollm2-rtn4-g64-Q4_0.gguf"
+    gguf_type = {4: "Q4_0", 8: "Q8_0"}[bits]
+    onnx_dir, gguf = work / f"{q.name}-onnx", work / f"{q.name}-{gguf_type}.gguf"
     if not onnx_dir.exists():
-        sh(cli("export", "onnx", q4, "-o", onnx_dir), env)
+        sh(cli("export", "onnx", q, "-o", onnx_dir), env)
     if not gguf.exists():
-        sh(cli("export", "gguf", q4, "-o", gguf, "--type", "Q4_0"), env)
+        sh(cli("export", "gguf", q, "-o", gguf, "--type", gguf_type), env)
     return {"onnxruntime": onnx_dir, "llama.cpp": gguf}
+
+
+# task-mode models with real weights: name -> bits of SmolLM2's RTN checkpoint. The 8-bit one is a target a
+# 4-bit SmolLM2 can draft for (SmolLM2-135M is its family's smallest model).
+SMOLLM2 = {"smollm2": 4, "smollm2-8bit": 8}
 
 
 def task_mode(args) -> None:
@@ -277,8 +284,8 @@ def task_mode(args) -> None:
                "llama_cpp_build": llamacpp_build(), "models": {}}
     engines = [e for e in args.engines.split(",") if e != "numpy"]  # minutes per answer: not a task-mode engine
     for name in args.task_models.split(","):
-        if name == "smollm2":
-            paths = smollm2_exports(args.work, env)
+        if name in SMOLLM2:
+            paths = smollm2_exports(args.work, env, SMOLLM2[name])
         else:
             paths = prepare(name, args.work, args.threads, "asym", args.layers, 128)["paths"]
         entry = results["models"][name] = {"runs": {}, "summary": {}, "identical_to_plain": {}}
@@ -286,8 +293,10 @@ def task_mode(args) -> None:
             for mode in args.modes.split(","):
                 if mode == "draft" and name not in drafts:
                     continue
-                rows = tasks.run_child(engine, paths[engine], mode, args.threads, args.max_tokens,
-                                       drafts.get(name))
+                draft = drafts.get(name)
+                if draft is not None and str(draft) in SMOLLM2:  # a task model's own export for this engine
+                    draft = smollm2_exports(args.work, env, SMOLLM2[str(draft)])[engine]
+                rows = tasks.run_child(engine, paths[engine], mode, args.threads, args.max_tokens, draft)
                 key = f"{engine} {mode}"
                 entry["runs"][key], entry["summary"][key] = rows, tasks.summarise(rows)
                 if mode != "plain" and f"{engine} plain" in entry["runs"]:
@@ -311,10 +320,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", action="store_true", help="task mode (bench/tasks.py): input-grounded prompts, plain "
                                                          "vs prompt lookup vs draft model vs llama.cpp")
-    ap.add_argument("--task-models", default="smollm2,kanana-1.5-2.1b", help="task mode: smollm2 and/or presets")
+    ap.add_argument("--task-models", default="smollm2,kanana-1.5-2.1b",
+                    help=f"task mode: {', '.join(SMOLLM2)} (real weights) and/or presets")
     ap.add_argument("--modes", default="plain,lookup", help="task mode: plain, lookup, draft")
     ap.add_argument("--draft", action="append", default=[], metavar="MODEL=DIR",
-                    help="task mode: a draft model (export for the engine) for MODEL")
+                    help="task mode: a draft model for MODEL: an export for the engine, or a SmolLM2 task model's "
+                         "name (e.g. smollm2-8bit=smollm2: its export for each engine)")
     ap.add_argument("--max-tokens", type=int, default=128, help="task mode: tokens per answer")
     ap.add_argument("--llama-lookup", default=None, help="task mode: a llama-lookup binary built from "
                                                          "llama-cpp-python's vendored llama.cpp")

@@ -43,10 +43,11 @@ class PromptLookup:
     longer than the suffix that matched.
 
     Why that cap: the longer the matched suffix, the likelier the copy goes on, and a draft the model
-    rejects still costs its verification. Simulated on the greedy answers of bench/data/tasks.json
-    (SmolLM2, a verify of k tokens costing 1 + 0.225·k plain steps, as onnxruntime's did there), copying
-    tasks went from 1.2–1.5× plain decode with a 1–3-gram match and drafts of up to 8 to 1.4–1.8× with
-    this rule, chat staying at 1.03–1.07×; a single matching token drafts nothing (it recurs everywhere)."""
+    rejects still costs its verification. Replayed on SmolLM2's greedy answers to bench/data/tasks.json with a
+    k-token verify costing 1 + 0.225·k plain steps, as onnxruntime's did there (bench/lookup_sim.py), the
+    speed-up over plain decoding went from 1.42 / 1.21 / 1.51 (summarise / quote / edit; 1–3-token matches,
+    drafts of up to 8, a pause after every miss) to 1.77 / 1.32 / 1.67 with this rule and the timing pauses
+    alone, chat from 1.03 to 1.06. A single matching token drafts nothing: one token recurs everywhere."""
 
     max_ngram: int = 8
     min_ngram: int = 2
@@ -121,8 +122,8 @@ class Adaptive:
     `seconds`), for longer while such steps follow each other: a missed draft is such a step (one token for
     a verify and the drafting), and so is a partly kept one where verifying k tokens costs well over one
     token's time (llama.cpp's batched kernels). So open-ended text, where drafts rarely hold, decodes as
-    plainly as ever. (An earlier extra pause after every miss cost the copying tasks of bench/speed.py --tasks
-    up to 0.15× of plain speed in simulation, and the timing already pauses after a miss.) A plain step right
+    plainly as ever (a separate pause after every miss, on top, cost the copying tasks speed in
+    bench/lookup_sim.py's replay and bought nothing the timing does not). A plain step right
     after the first drafting one measures a plain step's cost if no plain step has yet. With temperature > 0
     the pauses change which random draws are made, so a seeded run's text can differ from run to run; every
     token is still distributed as in plain sampling."""
