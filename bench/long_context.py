@@ -5,8 +5,9 @@ run.
     python bench/long_context.py [--contexts 4096,16384,32768] [--decode 8] [--threads 2] [--work DIR]
                                  [--runs onnxruntime:f32,onnxruntime:f16,llama.cpp:q8_0,llama.cpp:f16]
 
-The model: the 8B preset's shapes with random weights, RTN 4-bit group 32 symmetric (bench/speed.py's prepare:
-its ONNX export and a Q4_0 GGUF carrying the same codes). Prefilling 32K tokens of an 8B model takes hours on
+The model: the 8B preset's shapes with random weights, RTN 4-bit group 32 symmetric without the clipping search
+(minutes per 8B layer on 2 cores, and random weights only measure speed and memory), then bench/speed.py's
+prepare: its ONNX export and a Q4_0 GGUF carrying the same codes. Prefilling 32K tokens of an 8B model takes hours on
 2 cores, and what a decode step costs does not depend on the values the cache holds, so each engine's cache is
 filled to the context synthetically: onnxruntime's buffers are written in place (every page touched, so the RSS
 counts them), llama.cpp's through its own sequence-state restore (llama_state_seq_set_data) with the state of a
@@ -179,6 +180,23 @@ def run(engine: str, kv: str, path: Path, n: int, decode: int, threads: int) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def rtn_checkpoint(work: Path, threads: int) -> None:
+    """The preset's float model and its RTN checkpoint without the clipping search, where prepare() expects
+    them (it would quantize with the search otherwise)."""
+    src, out = work / PRESET, work / f"{PRESET}-rtn4-g32"
+    if out.exists():
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if not src.exists():
+        subprocess.run([sys.executable, "-m", "kanana_quant.cli", "synth", "--preset", PRESET, "-o", str(src)],
+                       check=True, env=env)
+    code = ("import sys; from kanana_quant.loader import open_model; from kanana_quant.qcheckpoint import "
+            "QuantFormat; from kanana_quant.quant.driver import quantize_model; from kanana_quant.quant.options "
+            "import QuantOptions; quantize_model(open_model(sys.argv[1]), sys.argv[2], QuantOptions(QuantFormat("
+            "'rtn', 4, 32, True), samples=1, seq_len=16, search=False))")
+    subprocess.run([sys.executable, "-c", code, str(src), str(out)], check=True, env=env)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         engine, kv, path, n, decode, threads = sys.argv[2:8]
@@ -190,7 +208,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/work/scratch"))
     args = ap.parse_args()
+    rtn_checkpoint(args.work, args.threads)
     facts = prepare(PRESET, args.work, args.threads, "sym", None, 32)
+    facts["grid"] += ", no clipping search"
     from kanana_quant.config import ModelConfig
     from kanana_quant.runtimes.engines import kv_cache_bytes
 
