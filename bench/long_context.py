@@ -11,9 +11,9 @@ prepare: its ONNX export and a Q4_0 GGUF carrying the same codes. Prefilling 32K
 2 cores, and what a decode step costs does not depend on the values the cache holds, so each engine's cache is
 filled to the context synthetically: onnxruntime's buffers are written in place (every page touched, so the RSS
 counts them), llama.cpp's through its own sequence-state restore (llama_state_seq_set_data) with the state of a
-real 64-token prefill repeated to N cells at positions 0..N-1 (restoring the 64-token state unchanged gives
-the same logits as the prefill itself, checked). Then --decode tokens are decoded one at a time at
-positions N.. (after one untimed step) and timed. Each run is its own child process; RSS is its resident set
+real 64-token prefill repeated to the cells at positions 0..N-D-2 (restoring the 64-token state unchanged gives
+the same logits as the prefill itself, checked). Then one untimed step and D = --decode timed ones
+decode one token at a time, the last at position N-1: the cache holds N tokens at the end. Each run is its own child process; RSS is its resident set
 after decoding (the synthetic llama.cpp state, built in the child, is freed by then) and its peak.
 The numpy runtime is left out: it dequantizes every weight on every step (seconds per 8B token at any context).
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import llamacpp_build, save  # noqa: E402
+from common import earlier_rows, llamacpp_build, save  # noqa: E402
 from speed import peak_rss_gib, prepare  # noqa: E402
 
 PRESET = "kanana-1.5-8b"
@@ -145,21 +145,23 @@ def fill_llamacpp(engine, n: int) -> None:
 
 
 def child(engine: str, kv: str, path: str, n: int, decode: int, threads: int) -> None:
-    t0 = time.perf_counter()
+    """The cache holds n tokens when the last one is decoded: filled to n - decode - 1, then the untimed step
+    and `decode` timed ones (32K is the 8B's whole native context)."""
+    t0, filled = time.perf_counter(), n - decode - 1
     if engine == "onnxruntime":
         from kanana_quant.runtimes.onnx_engine import OnnxEngine, describe
 
-        runtime = OnnxEngine(Path(path), max_seq_len=n + decode + 1, threads=threads, kv_type=kv)
+        runtime = OnnxEngine(Path(path), max_seq_len=n, threads=threads, kv_type=kv)
         configuration = describe()
-        fill_onnx(runtime, n, decode + 1)
+        fill_onnx(runtime, filled, decode + 1)
     else:
         from kanana_quant.loader import open_checkpoint
         from kanana_quant.runtimes.llamacpp_engine import LlamaCppEngine
 
-        runtime = LlamaCppEngine(Path(path), open_checkpoint(Path(path)).config, max_seq_len=n + decode + 1,
+        runtime = LlamaCppEngine(Path(path), open_checkpoint(Path(path)).config, max_seq_len=n,
                                  threads=threads, kv_type=kv)
         configuration = runtime.configuration + (", flash attention" if kv == "q8_0" else "")
-        fill_llamacpp(runtime, n)
+        fill_llamacpp(runtime, filled)
     ready = time.perf_counter() - t0
     runtime.forward([1234])  # untimed: first-call allocations at this context
     t0 = time.perf_counter()
@@ -221,9 +223,16 @@ def main() -> None:
             engine, kv = spec.split(":")
             row = run(engine, kv, facts["paths"][engine], n, args.decode, args.threads)
             row["kv_cache_gib"] = round(kv_cache_bytes(cfg, n, kv) / 2**30, 2)
+            row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "stderr"},
                   row.get("stderr", "")[-300:], flush=True)
+    # rows of contexts this run did not measure are kept from an earlier run with the same settings (each row
+    # says when it was measured; one context's rows always come from one run)
+    redone = {r["context"] for r in rows}
+    kept = earlier_rows("long_context", lambda r: r["context"] in redone,
+                        lambda old: (old.get("threads"), old.get("decode")) == (args.threads, args.decode))
+    rows = sorted(kept + rows, key=lambda r: r["context"])
     print("saved", save("long_context", {"preset": PRESET, "threads": args.threads, "decode": args.decode,
                                          "files_gib": facts["files_gib"], "grid": facts["grid"],
                                          "llama_cpp_build": llamacpp_build(), "protocol": __doc__.split("\n\n")[2],

@@ -235,7 +235,7 @@ def tasks_section(t: dict) -> list[str]:
             lines.append(f"| {key} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
         if entry.get("identical_to_plain"):
             lines += ["", "Answers token for token identical to the same engine's plain greedy decode: " + ", ".join(
-                f"{k} {v}" for k, v in entry["identical_to_plain"].items()) + "."]
+                f"{k} {_parted(v)}" for k, v in entry["identical_to_plain"].items()) + "."]
         if lookup:
             best = summary.get("onnxruntime lookup", {})
             lines += ["", "onnxruntime with lookup over llama-lookup: " + ", ".join(
@@ -243,6 +243,17 @@ def tasks_section(t: dict) -> list[str]:
                 if k in best and k in lookup)]
         lines.append("")
     return lines
+
+
+def _parted(v) -> str:
+    """'k/n', and where the other answers part from plain greedy's: plain's top-2 log-probability gap there."""
+    if isinstance(v, str):  # results before the gaps were recorded
+        return v
+    gaps = sorted(p["plain_top2_gap"] for p in v["parted"] if "plain_top2_gap" in p)
+    if not gaps:
+        return v["identical"]
+    return (f"{v['identical']} (the others part where plain's two best tokens are within "
+            f"{', '.join(f'{g:.3f}' for g in gaps)} nats)")
 
 
 def speed_section(s: dict, name: str) -> list[str]:

@@ -290,17 +290,25 @@ def task_mode(args) -> None:
             paths = prepare(name, args.work, args.threads, "asym", args.layers, 128)["paths"]
         entry = results["models"][name] = {"runs": {}, "summary": {}, "identical_to_plain": {}}
         for engine in engines:
-            for mode in args.modes.split(","):
+            modes = args.modes.split(",")
+            if "plain" in modes and len(modes) > 1:
+                modes.insert(modes.index("plain") + 1, "margins")  # untimed: where drafted answers part
+            margins = None
+            for mode in modes:
                 if mode == "draft" and name not in drafts:
                     continue
                 draft = drafts.get(name)
                 if draft is not None and str(draft) in SMOLLM2:  # a task model's own export for this engine
                     draft = smollm2_exports(args.work, env, SMOLLM2[str(draft)])[engine]
                 rows = tasks.run_child(engine, paths[engine], mode, args.threads, args.max_tokens, draft)
+                if mode == "margins":
+                    margins = rows
+                    continue
                 key = f"{engine} {mode}"
                 entry["runs"][key], entry["summary"][key] = rows, tasks.summarise(rows)
                 if mode != "plain" and f"{engine} plain" in entry["runs"]:
-                    entry["identical_to_plain"][key] = tasks.identical(rows, entry["runs"][f"{engine} plain"])
+                    entry["identical_to_plain"][key] = tasks.identical(rows, entry["runs"][f"{engine} plain"],
+                                                                       margins)
                 crashed = [r for r in rows if "crashed" in r]
                 print(name, key, entry["summary"][key], entry["identical_to_plain"].get(key, ""),
                       f"CRASHED: {crashed[0]['stderr'][-300:]}" if crashed else "", flush=True)

@@ -52,19 +52,25 @@ def child(engine: str, path: str, mode: str, threads: int, max_tokens: int, draf
     for i, task in enumerate(prompts()):
         ids = tok.encode_chat([{"role": "user", "content": task["prompt"]}])
         runtime.reset()
-        decoding = Decoding(runtime, ids, max_tokens, params, tok.eos_ids, drafter=drafter)
+        # "margins": plain decoding again, untimed, keeping each step's two best log-probabilities, so a drafted
+        # answer that parts from plain greedy's can be shown to part at a near-tie (see identical())
+        decoding = Decoding(runtime, ids, max_tokens, params, tok.eos_ids, drafter=drafter,
+                            logprobs=2 if mode == "margins" else None)
         t0 = time.perf_counter()
-        first, tokens = None, []
+        first, tokens, margins = None, [], []
         for step in decoding:
             if first is None:
                 first = time.perf_counter()
             tokens.append(step.token)
+            if step.top:
+                margins.append(round(step.top[0][1] - step.top[1][1], 4))
         end = time.perf_counter()
         print(json.dumps({"task": i, "kind": task["kind"], "lang": task["lang"], "prompt_tokens": len(ids),
                           "tokens": len(tokens), "prefill_s": first - t0,
                           "decode_tok_s": (len(tokens) - 1) / max(end - first, 1e-9),
                           "proposed": decoding.adaptive.proposed, "accepted": decoding.adaptive.accepted,
-                          "forwards": decoding.forwards, "text": tok.decode(tokens)[:200],
+                          "forwards": decoding.forwards, "text": tok.decode(tokens)[:200], "token_ids": tokens,
+                          **({"margins": margins} if margins else {}),
                           # greedy drafting must not change a token: compared with plain decode's by the parent
                           "tokens_sha1": hashlib.sha1(json.dumps(tokens).encode()).hexdigest()},
                          ensure_ascii=False), flush=True)
@@ -99,11 +105,24 @@ def llama_lookup(binary: Path, gguf: Path, threads: int, max_tokens: int, tokeni
     return rows
 
 
-def identical(rows: list[dict], plain: list[dict]) -> str:
-    """How many answers are token for token plain greedy decoding's ("k/n")."""
-    same = sum(r.get("tokens_sha1") is not None and r.get("tokens_sha1") == p.get("tokens_sha1")
-               for r, p in zip(rows, plain))
-    return f"{same}/{len(plain)}"
+def identical(rows: list[dict], plain: list[dict], margins: list[dict] | None = None) -> dict:
+    """How many answers are token for token plain greedy decoding's, and where the others part from it: the
+    first differing position and, with a margins run (plain greedy again, with log-probabilities), plain's
+    gap between its two best tokens there in nats (a near-tie, when the engine computes a several-token
+    forward's logits a little differently from a one-token forward's)."""
+    same, parted = 0, []
+    for i, (r, p) in enumerate(zip(rows, plain)):
+        if r.get("tokens_sha1") is not None and r.get("tokens_sha1") == p.get("tokens_sha1"):
+            same += 1
+            continue
+        a, b = r.get("token_ids") or [], p.get("token_ids") or []
+        at = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        entry = {"task": i, "position": at}
+        gaps = (margins[i].get("margins") if margins and i < len(margins) else None) or []
+        if margins and margins[i].get("token_ids") == b and at < len(gaps):
+            entry["plain_top2_gap"] = gaps[at]
+        parted.append(entry)
+    return {"identical": f"{same}/{len(plain)}", "parted": parted}
 
 
 def summarise(rows: list[dict]) -> dict:
