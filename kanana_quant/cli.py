@@ -25,8 +25,8 @@ LookupOption = typer.Option(True, "--lookup/--no-lookup", help="Prompt-lookup de
                                                                "from the prompt and the reply, verify them in one "
                                                                "forward (same output distribution; greedy: same text).")
 KvTypeOption = typer.Option("auto", "--kv-type", help="KV-cache storage: auto (the engine's: f32 in numpy and "
-                                                     "onnxruntime, f16 in llama.cpp), f32, f16 or q8_0 "
-                                                     "(llama.cpp only).")
+                                                     "onnxruntime, f16 in llama.cpp), f32, f16 (numpy, "
+                                                     "llama.cpp) or q8_0 (llama.cpp).")
 CtxOption = typer.Option(None, "--ctx", help="Context length in tokens (default: the model's, cut to what fits in RAM).")
 DraftOption = typer.Option(None, "--draft", help="A smaller model with the same tokenizer that drafts tokens for "
                                                   "MODEL (speculative decoding; run with the same --engine).")

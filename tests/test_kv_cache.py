@@ -27,7 +27,8 @@ def test_f16_cache_in_numpy_stays_close_to_f32(tiny_dense):
 
 def test_f16_cache_in_onnxruntime_stays_close_to_f32(tiny_dense, tmp_path):
     """The export declares a float32 cache; opened with f16 the engine's buffers and the graph's cache tensors
-    are float16 (a graph left float32 would refuse the float16 buffers). Prefill, then decode on the cache."""
+    are float16 (a graph left float32 would refuse the float16 buffers). Prefill, then decode on the cache.
+    (bench/long_context.py measures it; the CLI does not offer it.)"""
     from kanana_quant.runtimes.onnx_engine import OnnxEngine
 
     model = open_model(str(tiny_dense))
@@ -40,10 +41,9 @@ def test_f16_cache_in_onnxruntime_stays_close_to_f32(tiny_dense, tmp_path):
         assert engine._keys[0].dtype == np.dtype({"f32": np.float32, "f16": np.float16}[kv])
     diff = np.max(np.abs(runs["f32"] - runs["f16"]))
     assert 0 < diff < 2e-2 * np.abs(runs["f32"]).max()  # rounded, not broken
-    # through open_engine (a child process by default) too
-    isolated = open_engine(open_model(str(onnx_dir)), "onnxruntime", max_seq_len=128, threads=1, kv_type="f16")
-    split = np.concatenate([isolated.forward(ids[:-3], all_logits=True), isolated.forward(ids[-3:], all_logits=True)])
-    np.testing.assert_allclose(split, runs["f16"], rtol=0, atol=1e-4)
+    # not offered through open_engine: onnxruntime converts such a cache to float32 on every step
+    with pytest.raises(KananaQuantError, match="not available in onnxruntime"):
+        open_engine(open_model(str(onnx_dir)), "onnxruntime", max_seq_len=128, threads=1, kv_type="f16")
 
 
 def test_q8_0_cache_in_llamacpp_stays_close_to_f32(model_dirs, tmp_path):

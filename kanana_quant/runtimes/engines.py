@@ -12,9 +12,13 @@ from typing import Callable
 from kanana_quant.errors import KananaQuantError
 
 ENGINES = ("auto", "numpy", "llama.cpp", "onnxruntime")
-# KV-cache storage by engine (the first is the engine's default) and bytes per cached value. onnxruntime's
-# GroupQueryAttention stores float32 or float16; llama.cpp quantizes V only with flash attention on.
-KV_TYPES = {"numpy": ("f32", "f16"), "onnxruntime": ("f32", "f16"), "llama.cpp": ("f16", "f32", "q8_0")}
+# KV-cache storage by engine (the first is the engine's default) and bytes per cached value. llama.cpp
+# quantizes V only with flash attention on. onnxruntime's GroupQueryAttention can store float16 (OnnxEngine's
+# kv_type) but is not offered it: on the CPU it converts the whole cache to float32 on every step, so the peak
+# memory is not lower and decoding is slower (bench/long_context.py, Kanana-1.5-8B shape at 16K tokens: f32
+# 0.89 tokens/s and 10.3 GiB resident; f16 0.43 tokens/s and 13.0 GiB; f16 without onnxruntime's memory arena
+# 0.09 tokens/s, peak 12.4 GiB).
+KV_TYPES = {"numpy": ("f32", "f16"), "onnxruntime": ("f32",), "llama.cpp": ("f16", "f32", "q8_0")}
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 PACKAGES = {"llama.cpp": ("llama_cpp", "llamacpp"), "onnxruntime": ("onnxruntime", "onnx")}  # module, extra
 
