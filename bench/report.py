@@ -421,17 +421,17 @@ def long_context_section(c: dict) -> list[str]:
              f"Data: {provenance(c)}, {c['threads']} threads, {c['decode']} decode steps per row. Weights: "
              f"{c['grid']}, files {c['files_gib']} GiB. llama.cpp: {c['llama_cpp_build'].get('configuration', '?')}. "
              + " ".join(c["protocol"].split()), "",
-             "| context | engine | KV type | KV cache GiB | RSS GiB | peak RSS GiB | decode tok/s | × llama.cpp q8_0 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| context | engine | KV type | KV cache GiB | RSS GiB | peak RSS GiB | decode tok/s | × llama.cpp q8_0 | measured |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in c["rows"]:
         if "failed" in r:
-            lines.append(f"| {r['context']} | {r['engine']} | {r['kv_type']} | – | failed ({r['failed']}) | | | |")
+            lines.append(f"| {r['context']} | {r['engine']} | {r['kv_type']} | – | failed ({r['failed']}) | | | | |")
             continue
         ref = next((x for x in c["rows"] if x["context"] == r["context"] and x["engine"] == "llama.cpp"
                     and x["kv_type"] == "q8_0" and "failed" not in x), None)
         ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref else "–"
         lines.append(f"| {r['context']} | {r['engine']} | {r['kv_type']} | {r['kv_cache_gib']} | {r['rss_gib']:.2f} | "
-                     f"{r['peak_rss_gib']:.2f} | {r['decode_tok_s']:.2f} | {ratio} |")
+                     f"{r['peak_rss_gib']:.2f} | {r['decode_tok_s']:.2f} | {ratio} | {r.get('measured', '')} |")
     return lines + [""]
 
 
