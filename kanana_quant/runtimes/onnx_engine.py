@@ -5,10 +5,12 @@ The KV cache is one preallocated buffer per layer that GroupQueryAttention reads
 present are bound to the same OrtValue through IO binding); `pos` only says how much of it is valid, so
 lowering it rewinds the cache for free. Its storage type is chosen when the engine opens (`kv_type`): the
 export declares a float32 cache, and for f16 the engine retypes the graph's cache inputs and outputs before
-onnxruntime loads it (GroupQueryAttention computes in float32 and stores the cache in float16). The CLI does not
-offer f16 here (runtimes/engines.py says why, with bench/long_context.py's measurement). The graph is onnxruntime-genai's (onnx_sidecar.py): the engine feeds an
-all-ones `attention_mask` as wide as the valid cache plus the new tokens, and prefill asks for the logits of
-the last position only (`logits_to_keep` = 1), unless every position's logits are wanted.
+onnxruntime loads it (GroupQueryAttention computes in float32 and stores the cache in float16). The CLI does
+not offer f16 here (runtimes/engines.py says why, with bench/long_context.py's measurement).
+
+The graph is onnxruntime-genai's (onnx_sidecar.py): the engine feeds an all-ones `attention_mask` as wide as
+the valid cache plus the new tokens, and prefill asks for the logits of the last position only
+(`logits_to_keep` = 1), unless every position's logits are wanted.
 """
 
 from __future__ import annotations
