@@ -9,7 +9,8 @@ each answer would take; the ratio is plain steps over the policy's cost (decode 
 prefill and the first token left out, as in bench/speed.py --tasks). The answers come from onnxruntime on
 SmolLM2 RTN 4-bit g64 (bench/speed.py's export) unless --model names another ONNX export; the same engine's b
 is measured too (median of 15 forwards of 1 and of 9 tokens after a 300-token context) and replayed with the
---b values.
+--b values. Beside each, the bound of lookup drafting itself: a drafter that drafted exactly the part of the
+longest-match continuation (1–8-token matches, up to 32 tokens) that the answer keeps.
 """
 
 from __future__ import annotations
@@ -60,6 +61,26 @@ def plain_answers(model: Path, max_tokens: int) -> tuple[list[dict], float]:
     return out, verify_cost(engine)
 
 
+def oracle(answers: list[dict], b: float, k_max: int = 32) -> dict[str, float]:
+    """The bound for this drafter: every step drafts exactly the part of the lookup's continuation (up to
+    k_max tokens) that the answer keeps, so no verification is wasted."""
+    from kanana_quant.runtimes.speculative import PromptLookup
+
+    lookup, speedups = PromptLookup(max_ngram=8, min_ngram=1), {}
+    for a in answers:
+        answer, history = a["answer"], a["prompt"] + a["answer"][:1]
+        i, cost = 1, 0.0
+        while i < len(answer):
+            room = len(answer) - i - 1
+            draft = lookup.propose(history, min(k_max, room)).tokens if room > 0 else []
+            kept = 0
+            while kept < len(draft) and draft[kept] == answer[i + kept]:
+                kept += 1
+            cost, history, i = cost + 1 + b * kept, history + answer[i:i + kept + 1], i + kept + 1
+        speedups.setdefault(a["kind"], []).append((len(answer) - 1) / cost if cost else 1.0)
+    return {kind: round(statistics.mean(v), 2) for kind, v in speedups.items()}
+
+
 def replay(answers: list[dict], b: float) -> dict[str, float]:
     """Mean speed-up over plain decoding per kind of task, drafting with today's PromptLookup and Adaptive."""
     from kanana_quant.runtimes.speculative import Adaptive, PromptLookup
@@ -90,7 +111,8 @@ def main() -> None:
     answers, measured = plain_answers(args.model, args.max_tokens)
     print(f"measured b = {measured:.3f} (threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')})")
     for b in [round(measured, 3)] + [float(x) for x in args.b.split(",")]:
-        print(f"b = {b}: speed-up over plain decode", replay(answers, b), flush=True)
+        print(f"b = {b}: speed-up over plain decode", replay(answers, b), "; a drafter that knew how much "
+              "of each lookup holds:", oracle(answers, b), flush=True)
 
 
 if __name__ == "__main__":
