@@ -11,8 +11,8 @@ prepare: its ONNX export and a Q4_0 GGUF carrying the same codes. Prefilling 32K
 2 cores, and what a decode step costs does not depend on the values the cache holds, so each engine's cache is
 filled to the context synthetically: onnxruntime's buffers are written in place (every page touched, so the RSS
 counts them), llama.cpp's through its own sequence-state restore (llama_state_seq_set_data) with the state of a
-real 64-token prefill repeated to the cells at positions 0..N-D-2 (restoring the 64-token state unchanged gives
-the same logits as the prefill itself, checked). Then one untimed step and D = --decode timed ones
+real 64-token prefill repeated to the cells at positions 0..N-D-2 (each run first checks that the 64-token state,
+read and rewritten unchanged, gives the prefill's own next logits). Then one untimed step and D = --decode timed ones
 decode one token at a time, the last at position N-1: the cache holds N tokens at the end. Each run is its own child process; RSS is its resident set
 after decoding (the synthetic llama.cpp state, built in the child, is freed by then) and its peak.
 The numpy runtime is left out: it dequantizes every weight on every step (seconds per 8B token at any context).
@@ -120,24 +120,34 @@ def repeated_state(state: bytes, n: int) -> bytearray:
 
 
 def fill_llamacpp(engine, n: int) -> None:
-    """A real SEED_TOKENS prefill, its sequence state repeated to n cells and restored into the context."""
+    """A real SEED_TOKENS prefill, its sequence state repeated to n cells and restored into the context. First
+    the state goes through repeated_state unchanged and back, and must give the prefill's own next logits."""
     import llama_cpp
+    import numpy as np
 
     ctx = engine.llm._ctx.ctx
+
+    def restore(state: bytearray, cells: int) -> None:
+        engine.llm._ctx.kv_cache_clear()
+        arr = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        if llama_cpp.llama_state_seq_set_data(ctx, arr, len(state), 0) != len(state):
+            raise SystemExit("llama.cpp refused the synthetic state")
+        del arr
+        assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) == cells - 1
+        engine.llm.n_tokens = cells  # llama-cpp-python's position (input_ids are never read back here)
+
     engine.reset()
     engine.forward(list(range(1000, 1000 + SEED_TOKENS)))
     size = llama_cpp.llama_state_seq_get_size(ctx, 0)
     buf = (ctypes.c_uint8 * size)()
     assert llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0) == size
-    state = repeated_state(bytes(buf), n)
+    seed = bytes(buf)
     del buf
-    engine.llm._ctx.kv_cache_clear()
-    arr = (ctypes.c_uint8 * len(state)).from_buffer(state)
-    if llama_cpp.llama_state_seq_set_data(ctx, arr, len(state), 0) != len(state):
-        raise SystemExit("llama.cpp refused the synthetic state")
-    del arr, state
-    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) == n - 1
-    engine.llm.n_tokens = n  # llama-cpp-python's position (input_ids are never read back here)
+    expected = engine.forward([7])
+    restore(repeated_state(seed, SEED_TOKENS), SEED_TOKENS)
+    if not np.array_equal(engine.forward([7]), expected):
+        raise SystemExit("the state read back by repeated_state does not reproduce the prefill")
+    restore(repeated_state(seed, n), n)
 
 
 # ---------------------------------------------------------------------------------------------------------
