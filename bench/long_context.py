@@ -33,17 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import earlier_rows, llamacpp_build, save  # noqa: E402
-from speed import peak_rss_gib, prepare  # noqa: E402
+from speed import peak_rss_gib, prepare, status_gib  # noqa: E402
 
 PRESET = "kanana-1.5-8b"
 SEED_TOKENS = 64  # the real prefill whose llama.cpp state is repeated
-
-
-def rss_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,7 +172,7 @@ def child(engine: str, kv: str, path: str, n: int, decode: int, threads: int) ->
         runtime.forward([token])
     seconds = time.perf_counter() - t0
     print(json.dumps({"engine": engine, "kv_type": kv, "context": n, "decode_tokens": decode,
-                      "decode_tok_s": decode / seconds, "rss_gib": rss_gib(), "peak_rss_gib": peak_rss_gib(),
+                      "decode_tok_s": decode / seconds, "rss_gib": status_gib("VmRSS"), "peak_rss_gib": peak_rss_gib(),
                       "setup_s": ready, "configuration": configuration}))
 
 

@@ -61,41 +61,25 @@ def plain_answers(model: Path, max_tokens: int) -> tuple[list[dict], float]:
     return out, verify_cost(engine)
 
 
-def oracle(answers: list[dict], b: float, k_max: int = 32) -> dict[str, float]:
-    """The bound for this drafter: every step drafts exactly the part of the lookup's continuation (up to
-    k_max tokens) that the answer keeps, so no verification is wasted."""
-    from kanana_quant.runtimes.speculative import PromptLookup
-
-    lookup, speedups = PromptLookup(max_ngram=8, min_ngram=1), {}
-    for a in answers:
-        answer, history = a["answer"], a["prompt"] + a["answer"][:1]
-        i, cost = 1, 0.0
-        while i < len(answer):
-            room = len(answer) - i - 1
-            draft = lookup.propose(history, min(k_max, room)).tokens if room > 0 else []
-            kept = 0
-            while kept < len(draft) and draft[kept] == answer[i + kept]:
-                kept += 1
-            cost, history, i = cost + 1 + b * kept, history + answer[i:i + kept + 1], i + kept + 1
-        speedups.setdefault(a["kind"], []).append((len(answer) - 1) / cost if cost else 1.0)
-    return {kind: round(statistics.mean(v), 2) for kind, v in speedups.items()}
-
-
-def replay(answers: list[dict], b: float) -> dict[str, float]:
-    """Mean speed-up over plain decoding per kind of task, drafting with today's PromptLookup and Adaptive."""
+def replay(answers: list[dict], b: float, oracle: bool = False) -> dict[str, float]:
+    """Mean speed-up over plain decoding per kind of task, drafting with today's PromptLookup and Adaptive; or,
+    with `oracle`, the bound of lookup drafting itself: each step drafts exactly the part of the longest-match
+    continuation (1–8-token matches, up to 32 tokens) that the answer keeps, so no verification is wasted."""
     from kanana_quant.runtimes.speculative import Adaptive, PromptLookup
 
-    lookup, speedups = PromptLookup(), {}
+    lookup = PromptLookup(max_ngram=8, min_ngram=1) if oracle else PromptLookup()
+    speedups: dict = {}
     for a in answers:
         answer, history = a["answer"], a["prompt"] + a["answer"][:1]
         adaptive, i, cost = Adaptive(k_max=8, k=2), 1, 0.0  # as Decoding starts it
         while i < len(answer):
-            k = min(adaptive.size(), len(answer) - i - 1)
+            room = len(answer) - i - 1
+            k = min(32, room) if oracle else min(adaptive.size(), room)
             draft = lookup.propose(history, k).tokens[:k] if k > 0 else []
             kept = 0
             while kept < len(draft) and draft[kept] == answer[i + kept]:
                 kept += 1
-            step = 1 + b * len(draft) if draft else 1.0
+            step = 1 + b * (kept if oracle else len(draft))
             adaptive.record(len(draft), kept, step)
             cost, history, i = cost + step, history + answer[i:i + kept + 1], i + kept + 1
         speedups.setdefault(a["kind"], []).append((len(answer) - 1) / cost if cost else 1.0)
@@ -112,7 +96,7 @@ def main() -> None:
     print(f"measured b = {measured:.3f} (threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')})")
     for b in [round(measured, 3)] + [float(x) for x in args.b.split(",")]:
         print(f"b = {b}: speed-up over plain decode", replay(answers, b), "; a drafter that knew how much "
-              "of each lookup holds:", oracle(answers, b), flush=True)
+              "of each lookup holds:", replay(answers, b, oracle=True), flush=True)
 
 
 if __name__ == "__main__":

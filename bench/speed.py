@@ -113,13 +113,19 @@ def child(engine: str, path: str, threads: int, decode: int, prefill: int, vocab
                       "peak_rss_gib": peak_rss_gib(), "configuration": configuration}))
 
 
+def status_gib(field: str) -> float | None:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in GiB, or None where there is none."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return None
+
+
 def peak_rss_gib() -> float:
     """This process's own high-water RSS (VmHWM starts afresh at exec; ru_maxrss would carry the parent's
     peak across fork + exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = status_gib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run_engine(engine: str, path: Path, threads: int, decode: int, prefill: int, vocab: int) -> dict:
