@@ -212,3 +212,23 @@ def test_target_bpw_hits_the_size_and_runs_in_llamacpp(model_dirs, tmp_path):
     ours = numpy_engine_like_llamacpp(model.weights)
     ours = np.stack([ours.forward([t]) for t in ids])
     assert np.max(np.abs(theirs[0] - ours[0])) <= 1e-4
+
+
+def test_target_bpw_range_is_the_reachable_average(model_dirs):
+    """SmolLM2's shape: 576-wide rows are 32-block types only (4.5 bits and up), ffn_down's 1536-wide rows reach
+    Q2_K. The average over the layer linears reaches 4.03 through ffn_down (the old per-width check said 4.5)."""
+    from dataclasses import replace
+
+    from kanana_quant.errors import KananaQuantError
+    from kanana_quant.quant.target_bpw import check_target
+
+    cfg = replace(open_model(model_dirs("dense-tied")).config, hidden_size=576, num_heads=9, num_kv_heads=3,
+                  head_dim=64, intermediate_size=1536)
+    # attention 2·576² + 2·576·192 at 4.5 bits, gate/up 2·1536·576 at 4.5, down 576·1536 at 2.625 (Q2_K)
+    attn, mlp = 2 * 576 * 576 + 2 * 576 * 192, 3 * 1536 * 576
+    lo = (4.5 * (attn + 2 * mlp / 3) + 2.625 * mlp / 3) / (attn + mlp)
+    check_target(4.25, cfg)
+    check_target(round(lo, 3) + 0.001, cfg)
+    for bad in (round(lo, 3) - 0.001, 8.6):
+        with pytest.raises(KananaQuantError, match=f"--target-bpw {bad:g} is outside .*{lo:.3f} to 8.500"):
+            check_target(bad, cfg)

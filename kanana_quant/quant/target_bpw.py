@@ -18,6 +18,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 from gguf import GGMLQuantizationType as T
 
+from kanana_quant import names
 from kanana_quant.errors import KananaQuantError
 from kanana_quant.gguf import blocks
 from kanana_quant.layers_torch import TorchLayer
@@ -26,7 +27,7 @@ from kanana_quant.quant.options import QuantOptions
 
 # candidate types by row width, cheapest first (bits per weight: 2.625, 3.4375, 4.25, 4.5, 5.5, 6.5625, 8.5)
 LADDER_256 = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
-LADDER_32 = (T.IQ4_NL, T.Q5_0, T.Q8_0)  # rows that are not whole 256-blocks (4.5, 5.5, 8.5)
+LADDER_32 = (T.IQ4_NL, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)  # rows not whole 256-blocks (4.5, 5, 5.5, 6, 8.5)
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -44,14 +45,21 @@ def ladder(cols: int) -> tuple[T, ...]:
 
 
 def check_target(target: float, cfg) -> None:
+    """Refuse a target outside the average the layer linears can reach: every tensor at its ladder's cheapest
+    type, or every one at its dearest. (A model whose rows are partly not whole 256-blocks, such as SmolLM2's
+    576-wide ones, still reaches below 4.5 bits through the tensors that are.)"""
     if cfg.moe:
         raise KananaQuantError("--target-bpw supports dense models (MoE experts are stacked per type)")
-    widths = {cfg.hidden_size, cfg.q_size, cfg.intermediate_size}
-    lo = max(min(bits_per_weight(t) for t in ladder(c)) for c in widths)
-    hi = min(max(bits_per_weight(t) for t in ladder(c)) for c in widths)
+    shapes = [names.tensor_shape(cfg, f"layers.0.{role}") for role in ROLES]
+    total = sum(rows * cols for rows, cols in shapes)
+
+    def average(pick) -> float:
+        return sum(rows * cols * pick(bits_per_weight(t) for t in ladder(cols)) for rows, cols in shapes) / total
+
+    lo, hi = average(min), average(max)
     if not lo <= target <= hi:
         raise KananaQuantError(f"--target-bpw {target:g} is outside what this model's types reach "
-                               f"({lo:g} to {hi:g} bits per weight)")
+                               f"({lo:.3f} to {hi:.3f} bits per weight over the layer linears)")
 
 
 def _inputs(layer: TorchLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
