@@ -140,6 +140,19 @@ def bench_venv(name: str, installs: list[list[str]]) -> Path:
     return python
 
 
+def run_tool(cmd: list, what: str) -> str:
+    """Run a bench tool (a llama.cpp binary, or a script in a tool venv) and return its output. A failure stops
+    the bench with the tool's last lines and the whole output kept in a log beside the temp folders."""
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    if done.returncode:
+        log = Path(tempfile.gettempdir()) / f"kq-bench-{'-'.join(what.split())}.log"
+        log.write_text(output)
+        tail = " | ".join(output.strip().splitlines()[-3:]) or f"exit status {done.returncode}"
+        raise SystemExit(f"{what} failed ({done.returncode}): {tail} (log: {log})")
+    return output
+
+
 LLAMACPP_TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as the Python binding is built (llama.cpp #20824)
 

@@ -24,25 +24,27 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFReader
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import bench_venv, earlier_rows, float_checkpoint, heldout_text, llamacpp_tools, save  # noqa: E402
+from common import (bench_venv, earlier_rows, float_checkpoint, heldout_text, llamacpp_tools, run_tool,  # noqa: E402
+                    save)
 
 from kanana_quant.calib import calibration_ids  # noqa: E402
+from kanana_quant.errors import KananaQuantError  # noqa: E402
 from kanana_quant.gguf.writer import export_gguf  # noqa: E402
 from kanana_quant.loader import open_model  # noqa: E402
 from kanana_quant.qcheckpoint import QuantFormat  # noqa: E402
 from kanana_quant.quant.driver import quantize_model  # noqa: E402
 from kanana_quant.quant.gguf_sink import GGUFSink  # noqa: E402
-from kanana_quant.quant.options import QuantOptions  # noqa: E402
+from kanana_quant.quant.options import GGUF_SHRINK, QuantOptions  # noqa: E402
 from kanana_quant.smollm import smollm2_gguf  # noqa: E402
 
 THREADS = "2"
@@ -55,16 +57,8 @@ AUTOROUND_TYPES = {"Q4_0": "q4_0", "Q4_K_M": "q4_k_m", "Q3_K_M": "q3_k_m", "Q2_K
 OURS = "kanana-quant gptq"
 
 
-def run(cmd: list, what: str) -> str:
-    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"{what} failed ({done.returncode}): {' | '.join(tail)}")
-    return done.stdout + done.stderr
-
-
 def perplexity(tools: dict, path: Path, text: Path, ctx: int, chunks: int) -> float:
-    out = run([tools["llama-perplexity"], "-m", path, "-f", text, "-c", ctx, "--chunks", chunks, "-t", THREADS,
+    out = run_tool([tools["llama-perplexity"], "-m", path, "-f", text, "-c", ctx, "--chunks", chunks, "-t", THREADS,
                "-b", ctx], f"llama-perplexity {path.name}")
     return float(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
 
@@ -76,19 +70,27 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--samples", type=int, default=32, help="calibration sequences (ours and llama-imatrix)")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--methods", default="autoround,ours",
-                    help="besides llama.cpp's rows: autoround and/or ours (comma-separated)")
+    ap.add_argument("--methods", default="autoround,ours,target-bpw",
+                    help="besides llama.cpp's rows (comma-separated): autoround; ours (each type's mix); target-bpw "
+                         "(ours with --target-bpw at the llama.cpp+imatrix file's layer-linear bits)")
     ap.add_argument("--damp", type=float, default=QuantOptions.damp,
                     help="our GPTQ's damping (rows at another value than the default are named with it)")
+    ap.add_argument("--shrink", type=float, default=None,
+                    help="our GPTQ's Hessian shrink toward its diagonal (rows at another value than the default are "
+                         "named with it)")
     ap.add_argument("--autoround-iters", type=int, default=0,
                     help="AutoRound's tuning iterations per block (0: its recommended GGUF mode; its default is 200)")
     args = ap.parse_args()
     methods = {m.strip() for m in args.methods.split(",") if m.strip()}
-    if methods - {"autoround", "ours"}:
-        ap.error(f"--methods: unknown {', '.join(sorted(methods - {'autoround', 'ours'}))} (autoround, ours)")
+    known = {"autoround", "ours", "target-bpw"}
+    if methods - known:
+        ap.error(f"--methods: unknown {', '.join(sorted(methods - known))} ({', '.join(sorted(known))})")
     autoround_python = bench_venv("autoround", AUTOROUND_INSTALLS) if "autoround" in methods else None
     autoround_name = f"AutoRound (iters {args.autoround_iters})"
-    ours_name = OURS if args.damp == QuantOptions.damp else f"{OURS} (damp {args.damp:g})"
+    knobs = [f"damp {args.damp:g}"] if args.damp != QuantOptions.damp else []
+    knobs += [f"shrink {args.shrink:g}"] if args.shrink not in (None, GGUF_SHRINK) else []
+    ours_name = f"{OURS} ({', '.join(knobs)})" if knobs else OURS
+    bpw_name = ours_name.replace(OURS, f"{OURS} --target-bpw")
 
     tools = llamacpp_tools()
     bins = tools["paths"]
@@ -121,7 +123,7 @@ def main() -> None:
         print(rows[-1], flush=True)
         t0 = time.perf_counter()
         imatrix = tmp / "imatrix.gguf"
-        run([bins["llama-imatrix"], "-m", f16, "-f", calib, "-o", imatrix, "-c", args.seq_len, "--chunks",
+        run_tool([bins["llama-imatrix"], "-m", f16, "-f", calib, "-o", imatrix, "-c", args.seq_len, "--chunks",
              args.samples, "-t", THREADS, "-b", args.seq_len], "llama-imatrix")
         imatrix_s = time.perf_counter() - t0
         for file_type in args.types:
@@ -129,25 +131,27 @@ def main() -> None:
             for method, extra in (("llama.cpp", []), ("llama.cpp+imatrix", ["--imatrix", imatrix])):
                 t0 = time.perf_counter()
                 out = tmp / f"{method}-{file_type}.gguf"
-                run([bins["llama-quantize"], *extra, f16, out, file_type, THREADS], f"llama-quantize {file_type}")
+                run_tool([bins["llama-quantize"], *extra, f16, out, file_type, THREADS], f"llama-quantize {file_type}")
                 made[method] = (out, time.perf_counter() - t0 + (imatrix_s if extra else 0))
             notes = {}
             if autoround_python is not None and file_type in AUTOROUND_TYPES:
                 out = tmp / f"autoround-{file_type}.gguf"
-                run([autoround_python, AUTOROUND_SCRIPT, tmp / "float-hf", tmp / "calibration.npy", out,
+                run_tool([autoround_python, AUTOROUND_SCRIPT, tmp / "float-hf", tmp / "calibration.npy", out,
                      "--type", AUTOROUND_TYPES[file_type], "--iters", args.autoround_iters], f"AutoRound {file_type}")
                 report = json.loads(out.with_suffix(".gguf.json").read_text())
                 made[autoround_name] = (out, report["seconds"])
                 notes[autoround_name] = {"tool": report["versions"], "scheme": report["scheme"]}
+            opts = QuantOptions(QuantFormat("gptq", 4, 32, True), "builtin", args.samples, args.seq_len, seed=0,
+                                damp=args.damp, shrink=args.shrink)
             if "ours" in methods:
-                t0 = time.perf_counter()
-                out = tmp / f"ours-{file_type}.gguf"
-                opts = QuantOptions(QuantFormat("gptq", 4, 32, True), "builtin", args.samples, args.seq_len, seed=0,
-                                    damp=args.damp)
-                quantize_model(source, out, opts, sink=GGUFSink(source, out, opts, file_type),
-                               on_layer=lambda r: print(f"  ours {file_type} layer {r.layer} {r.seconds:.1f} s "
-                                                        f"{r.rounding}", flush=True))
-                made[ours_name] = (out, time.perf_counter() - t0)
+                made[ours_name] = ours(source, tmp / f"ours-{file_type}.gguf", opts, file_type)
+            if "target-bpw" in methods:  # the imatrix file's layer-linear bits, so the two files are the same size
+                target = round(linear_bpw(made["llama.cpp+imatrix"][0]), 4)
+                try:
+                    made[bpw_name] = ours(source, tmp / f"ours-bpw-{file_type}.gguf", opts, file_type, target)
+                    notes[bpw_name] = {"target_bpw": target}
+                except KananaQuantError as e:
+                    print(f"  {bpw_name} {file_type}: skipped: {e}", flush=True)
             for method, (path, seconds) in made.items():
                 ppl = score(path)
                 row = {"type": file_type, "method": method, "bytes": path.stat().st_size, "seconds": round(seconds, 1),
@@ -158,6 +162,21 @@ def main() -> None:
                     print(row, flush=True)
             _save(args, tools, rows)  # after every type, so a long run that stops keeps what it measured
     _print(rows)
+
+
+def ours(source, out: Path, opts: QuantOptions, file_type: str, target_bpw: float | None = None) -> tuple:
+    """`kanana-quant quantize --format gguf --type file_type [--target-bpw B]`: the file and its seconds."""
+    t0 = time.perf_counter()
+    quantize_model(source, out, opts, sink=GGUFSink(source, out, opts, file_type, target_bpw=target_bpw),
+                   on_layer=lambda r: print(f"  ours {file_type} layer {r.layer} {r.seconds:.1f} s {r.rounding}",
+                                            flush=True))
+    return out, time.perf_counter() - t0
+
+
+def linear_bpw(path: Path) -> float:
+    """Bits per weight over a GGUF's decoder-layer linears (what --target-bpw counts)."""
+    linears = [t for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in linears) / sum(int(t.n_elements) for t in linears)
 
 
 def _setup(args) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
-from common import bench_venv, earlier_rows, float_checkpoint, heldout_text, save  # noqa: E402
+from common import bench_venv, earlier_rows, float_checkpoint, heldout_text, run_tool, save  # noqa: E402
 
 from kanana_quant.calib import builtin_documents, calibration_ids  # noqa: E402
 from kanana_quant.eval import perplexity  # noqa: E402
@@ -71,15 +70,10 @@ def llm_compressor(python: Path, method: str, model, opts: QuantOptions, work: P
     if not src.is_dir():
         np.save(calib, calibration_ids(model.tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed))
         float_checkpoint(model, src)
-    fmt, log = opts.fmt, Path(tempfile.gettempdir()) / f"kq-quality-{out.name}.log"  # outlives `work`
+    fmt = opts.fmt
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        done = subprocess.run([str(python), str(LLMC_SCRIPT), str(src), str(calib), str(out), "--method", method,
-                               "--bits", str(fmt.bits), "--group", str(fmt.group_size),
-                               "--sym" if fmt.sym else "--no-sym"], check=False, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        last = log.read_text(errors="replace").strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-        raise SystemExit(f"llm-compressor {method} failed: {last[0]} (log: {log})")
+    run_tool([python, LLMC_SCRIPT, src, calib, out, "--method", method, "--bits", fmt.bits, "--group",
+              fmt.group_size, "--sym" if fmt.sym else "--no-sym"], f"llm-compressor {method}")
     return json.loads((out / "report.json").read_text()) | {"seconds": time.perf_counter() - t0}
 
 

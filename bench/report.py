@@ -155,7 +155,10 @@ def gguf_section(g: dict) -> list[str]:
              "`llama-imatrix` on our calibration windows "
              f"({g['calibration']['samples']} × {g['calibration']['seq_len']} tokens of the built-in set); "
              "`kanana-quant gptq` = `kanana-quant quantize --format gguf --type T` on the same windows (GPTQ on "
-             "each tensor's grid, never worse than RTN per tensor). × imatrix = ΔPPL over llama.cpp+imatrix's at "
+             "each tensor's grid, never worse than RTN per tensor); `kanana-quant gptq --target-bpw` = the same with "
+             "`--target-bpw` set to the llama.cpp+imatrix file's bits per weight over the layer linears, so each "
+             "tensor's type is picked by its Hessian-weighted error per byte and the file is that one's size. "
+             "× imatrix = ΔPPL over llama.cpp+imatrix's at "
              "the same type (goal ≤ 0.7). SmolLM2's 576-wide rows are not whole 256-blocks: llama-quantize, and "
              "we with it, store them as Q4_0/Q5_0/Q5_1/IQ4_NL, so only ffn_down is a real Q2_K/Q3_K/Q4_K/IQ4_XS "
              f"tensor. {_autoround_note(g)}", "",

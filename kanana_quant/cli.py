@@ -314,6 +314,10 @@ def quantize(
     resume: bool = typer.Option(False, help="Continue an interrupted run at the next layer."),
     damp: float = typer.Option(0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal."),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ column order by Hessian diagonal."),
+    shrink: float = typer.Option(None, help="GPTQ: shrink the Hessian toward its diagonal by this fraction (0 = "
+                                            "plain GPTQ, 1 = importance-weighted RTN). Default: 0 for HF "
+                                            "checkpoints; with --format gguf the value measured best there "
+                                            "(logged)."),
     lm_head_bits: int = typer.Option(0, help="Quantize lm_head too, at these bits (2, 3, 4 or 8; 0 = keep it "
                                              "float). A tied embedding stays float."),
     out_format: str = typer.Option("hf", "--format", help="hf (GPTQ/AWQ-layout checkpoint) or gguf (GPTQ on the "
@@ -343,7 +347,8 @@ def quantize(
     from kanana_quant.quant.options import QuantOptions
 
     fmt = QuantFormat(method, bits, group_size, sym, lm_head=bool(lm_head_bits), lm_head_bits=lm_head_bits or None)
-    opts = QuantOptions(fmt, calib, samples, seq_len, seed, damp=damp, act_order=act_order, device=device)
+    opts = QuantOptions(fmt, calib, samples, seq_len, seed, damp=damp, act_order=act_order, device=device,
+                        shrink=shrink)
     if target_bpw is not None and out_format != "gguf":
         raise KananaQuantError("--target-bpw applies to --format gguf")
     if out_format == "gguf":

@@ -161,6 +161,7 @@ def test_demo_runs(tmp_path):
     (["generate", "{tiny}", "--prompt", "x", "--engine", "onnxruntime"], "ONNX export directory"),
     (["eval", "{tiny}", "--text", "/no/such.txt"], "no such text file"),
     (["synth", "-o", "{tmp}/x"], "exactly one of"),
+    (["quantize", "{tiny}", "-o", "{tmp}/q", "--shrink", "1.5"], "--shrink must be between 0"),
     (["synth", "-o", "{tmp}/x", "--preset", "kanana-99b"], "unknown model preset"),
 ])
 def test_bad_invocations_exit_2_with_one_line(tiny_dense, tmp_path, args, message):

@@ -136,7 +136,8 @@ def test_final_gguf_export_maps_one_layer_file_at_a_time(model_dirs, tmp_path, m
 def test_never_worse_than_rtn_where_gptq_alone_loses(model_dirs, tmp_path):
     """4 × 32 calibration tokens for 256-wide layers: GPTQ fits the Hessian's noise and, alone, ends further
     from the float model than plain rounding (measured KL 0.247 vs 0.166 for Q4_0 here). The guard scores GPTQ
-    on held-out sequences, keeps RTN on the same grid where GPTQ loses there, and records how often."""
+    on held-out sequences, keeps RTN on the same grid where GPTQ loses there, and records how often. Plain GPTQ
+    (shrink 0): the default shrink of the GGUF path alone fits less noise (KL 0.136 here, below RTN)."""
     from gguf import GGUFReader
 
     from kanana_quant.calib import builtin_documents
@@ -158,7 +159,7 @@ def test_never_worse_than_rtn_where_gptq_alone_loses(model_dirs, tmp_path):
         return float(np.mean([window_kl(r, engine.forward(w, all_logits=True)).mean()
                               for w, r in zip(windows, ref_logits)]))
 
-    opts = QuantOptions(QuantFormat("gptq", 4, 32, True), samples=4, seq_len=32)
+    opts = QuantOptions(QuantFormat("gptq", 4, 32, True), samples=4, seq_len=32, shrink=0.0)
     results = {}
     for guard in (False, True):
         out = tmp_path / f"guard-{guard}.gguf"

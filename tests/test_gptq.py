@@ -50,6 +50,23 @@ def run(x, w, spec, **kw):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_shrink_goes_from_gptq_to_weighted_rtn(spec):
+    """shrink 1 leaves only the Hessian's diagonal: GPTQ propagates nothing and is the importance-weighted RTN;
+    in between, the calibration reconstruction error lies between the two (it is what shrink gives up)."""
+    x, w = correlated(3)
+    g = GPTQ(w)
+    g.add_batch(x)
+    importance = torch.diag(g.H).clone()
+    errors = {s: recon(x, w, run(x, w, spec, shrink=s).weight) for s in (0.0, 0.5)}
+    full = run(x, w, spec, shrink=1.0)
+    codes, sc, z = quantize_rtn(w, spec, search=True, importance=importance)
+    assert (full.codes.float() == codes).float().mean() > 0.999  # float32 ties at rounding midpoints aside
+    torch.testing.assert_close(full.scales, sc)
+    rtn = recon(x, w, expand(sc, spec, w.shape[1]) * (codes - expand(z, spec, w.shape[1])))
+    assert errors[0.0] < errors[0.5] < rtn, (errors, rtn)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_gptq_beats_rtn_on_correlated_inputs(spec):
     x, w = correlated(0)
     res = run(x, w, spec)
@@ -230,8 +247,8 @@ def test_batched_experts_equal_one_at_a_time():
             g.add_batch(x)
         return g
 
-    single = [solver(x, w).fasterquant(spec) for x, w in problems]
-    batched = fasterquant_batched([solver(x, w) for x, w in problems], spec)
+    single = [solver(x, w).fasterquant(spec, shrink=0.25) for x, w in problems]
+    batched = fasterquant_batched([solver(x, w) for x, w in problems], spec, shrink=0.25)
     for a, b in zip(single, batched):
         assert (a.codes == b.codes).float().mean() > 0.999
         torch.testing.assert_close(a.scales, b.scales)

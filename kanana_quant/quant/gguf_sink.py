@@ -95,8 +95,9 @@ class GGMLRounder:
                 return fitted["fit"].grid.to(w.device)
 
             W, H, halves = solver.W.clone(), solver.H.clone(), solver.halves
+            shrink = self.opts.gptq_shrink(gguf=True)
             result = solver.fasterquant(_ANY_SPEC, percdamp=self.opts.damp, act_order=self.opts.act_order,
-                                        grid=grid)
+                                        grid=grid, shrink=shrink)
             g = fitted["fit"].grid.to(W.device)
             rtn_codes, rtn_weight = g.round(W, g.scale, g.zero)
             held = halves is not None and halves[0].nsamples > 0 and halves[1].nsamples > 0
@@ -104,7 +105,7 @@ class GGMLRounder:
                 probe = GPTQ(W)
                 probe.H, probe.nsamples = halves[0].H, halves[0].nsamples
                 probe_result = probe.fasterquant(_ANY_SPEC, percdamp=self.opts.damp, act_order=self.opts.act_order,
-                                                 grid=lambda w, imp: g)
+                                                 grid=lambda w, imp: g, shrink=shrink)
                 gptq_err = output_error(W - probe_result.weight, halves[1].H)
                 rtn_err = output_error(W - rtn_weight, halves[1].H)
             else:
@@ -136,6 +137,8 @@ class GGUFSink:
         self.opts, self.target_bpw, self._types = opts, target_bpw, None
         self.rounder = GGMLRounder(model.config, key, opts, guard, self.types)
         self.kind = {"output": "gguf", "gguf_type": key, "target_bpw": target_bpw}
+        log(f"GPTQ on the {key} grids, its Hessian shrunk {opts.gptq_shrink(gguf=True):g} toward its diagonal "
+            "(--shrink)")
 
     def types(self) -> dict:
         """--target-bpw's per-tensor types (a float pre-pass over the calibration, run once), or {}."""

@@ -10,6 +10,10 @@ from kanana_quant.quant.grid import QuantSpec
 from kanana_quant.resources import AWQ_TOKENS
 
 
+# Measured on SmolLM2 against llama.cpp+imatrix by bench/gguf_quality.py (numbers in README, BENCHMARKS.md).
+GGUF_SHRINK = 0.5
+
+
 @dataclass(frozen=True)
 class QuantOptions:
     fmt: QuantFormat
@@ -26,6 +30,10 @@ class QuantOptions:
     # 97.5 -> 101.2, 4-bit per-channel asym 52.6 -> 75.0). AWQ clips with its own search instead.
     search: bool | None = None
     awq_tokens: int = AWQ_TOKENS  # tokens AWQ's scale search runs on, in whole sequences
+    # GPTQ's Hessian shrunk toward its diagonal by this fraction (gptq.py GPTQ._take). None: each output's
+    # measured default, GGUF_SHRINK for --format gguf (bench/gguf_quality.py) and 0 (plain GPTQ) for HF
+    # checkpoints, where bench/quality.py has not measured it.
+    shrink: float | None = None
 
     def __post_init__(self):
         QuantSpec(self.fmt.bits, self.fmt.group_size, self.fmt.sym)  # bits and group size
@@ -34,6 +42,8 @@ class QuantOptions:
                                    f"{self.seq_len}")
         if self.damp <= 0:
             raise KananaQuantError(f"--damp must be > 0, got {self.damp}")
+        if self.shrink is not None and not 0 <= self.shrink <= 1:
+            raise KananaQuantError(f"--shrink must be between 0 (plain GPTQ) and 1 (weighted RTN), got {self.shrink}")
 
     @property
     def spec(self) -> QuantSpec:
@@ -46,6 +56,9 @@ class QuantOptions:
     @property
     def rtn_search(self) -> bool:
         return self.fmt.sym if self.search is None else self.search
+
+    def gptq_shrink(self, gguf: bool) -> float:
+        return self.shrink if self.shrink is not None else GGUF_SHRINK if gguf else 0.0
 
     @property
     def gptq_search(self) -> bool:

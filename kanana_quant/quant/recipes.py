@@ -61,10 +61,10 @@ class CodeRounder:
         o = self.opts
         if batched:
             results = fasterquant_batched(solvers, o.spec, percdamp=o.damp, act_order=o.act_order,
-                                          search=o.gptq_search)
+                                          search=o.gptq_search, shrink=o.gptq_shrink(gguf=False))
         else:
-            results = [s.fasterquant(o.spec, percdamp=o.damp, act_order=o.act_order, search=o.gptq_search)
-                       for s in solvers]
+            results = [s.fasterquant(o.spec, percdamp=o.damp, act_order=o.act_order, search=o.gptq_search,
+                                     shrink=o.gptq_shrink(gguf=False)) for s in solvers]
         for result, roles in zip(results, groups):
             report.loss += float(result.loss)
             start = 0
@@ -239,7 +239,8 @@ class Recipe:
         norm = torch.from_numpy(weights.get("norm")).to(self.device)
         for x in self.batches(final_acts):
             solver.add_batch(rms_norm(x, norm, cfg.rms_norm_eps))
-        result = solver.fasterquant(spec, percdamp=self.opts.damp, act_order=self.opts.act_order, search=search)
+        result = solver.fasterquant(spec, percdamp=self.opts.damp, act_order=self.opts.act_order, search=search,
+                                    shrink=self.opts.gptq_shrink(gguf=False))
         return to_qtensor(result.codes, result.scales, result.zeros, spec.bits, fmt.group_size)
 
 
