@@ -155,7 +155,8 @@ def gguf_section(g: dict) -> list[str]:
              "`llama-imatrix` on our calibration windows "
              f"({g['calibration']['samples']} × {g['calibration']['seq_len']} tokens of the built-in set); "
              "`kanana-quant gptq` = `kanana-quant quantize --format gguf --type T` on the same windows (GPTQ on "
-             "each tensor's grid, never worse than RTN per tensor); `kanana-quant gptq --target-bpw` = the same with "
+             "each tensor's grid with its Hessian shrunk halfway to its diagonal, the default `--shrink`, never "
+             "worse than RTN per tensor; rows marked `shrink 0` are plain GPTQ, `damp 0.1` a stronger damping); `kanana-quant gptq --target-bpw` = the same with "
              "`--target-bpw` set to the llama.cpp+imatrix file's bits per weight over the layer linears, so each "
              "tensor's type is picked by its Hessian-weighted error per byte and the file is that one's size. "
              "× imatrix = ΔPPL over llama.cpp+imatrix's at "
@@ -179,7 +180,10 @@ def gguf_section(g: dict) -> list[str]:
         rows = g["rows"]
         base = next(r for r in rows if r["method"] == "float")
         for ax, lang in zip(axes, ("en", "ko")):
-            for method in [m for m in dict.fromkeys(r["method"] for r in rows) if m != "float"]:
+            # our ablations (a knob off its default, named in parentheses) are in the table, not on the plot
+            plotted = [m for m in dict.fromkeys(r["method"] for r in rows)
+                       if m != "float" and not (m.startswith("kanana-quant") and "(" in m)]
+            for method in plotted:
                 pts = sorted((8 * r["bytes"] / SMOLLM2_WEIGHTS, r[lang], r["type"]) for r in rows
                              if r["method"] == method)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
