@@ -65,14 +65,13 @@ for i in range(cfg.num_layers):
             q, wq = clip.grid.round(W, clip.grid.scale, clip.grid.zero)
             res["rtn-clip"] = W - wq
             for gname, gfit in (("clip", lambda w_, i_: ggml_grid.fitter(T.Q4_0)(w_, i_).grid), ("llama", llama_grid)):
-                # damping, and shrinking H toward its diagonal by `shrink` (s>0): regularisers for a Hessian
-                # that fits the calibration tokens too well
+                # damping, and shrinking H toward its diagonal (GPTQ's shrink; the GGUF path's default is
+                # 0.5): regularisers for a Hessian that fits the calibration tokens too well
                 for damp, shrink in ((0.01, 0), (0.1, 0), (0.01, 0.3), (0.01, 0.6)):
                     g = GPTQ(W)
                     g.add_batch(acts["cal"][None])
-                    if shrink:
-                        g.H = (1 - shrink) * g.H + shrink * torch.diag(torch.diag(g.H))
-                    r = g.fasterquant(QuantSpec(4, 32, True), percdamp=damp, act_order=True, grid=gfit)
+                    r = g.fasterquant(QuantSpec(4, 32, True), percdamp=damp, act_order=True, grid=gfit,
+                                      shrink=shrink)
                     res[f"gptq-{gname}-d{damp}" + (f"-s{shrink}" if shrink else "")] = W - r.weight
             base = {k: err(res["rtn-llama-imatrix"], H[k]) for k in H}
             print(f"layer {i} {role}: " + " | ".join(
