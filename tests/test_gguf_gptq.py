@@ -172,6 +172,7 @@ def test_never_worse_than_rtn_where_gptq_alone_loses(model_dirs, tmp_path):
     report = json.loads(bytes(field.parts[field.data[0]]).decode())
     assert report["rounding"]["rtn"] > 0 and report["rounding"]["held_out"] == 7 * model.config.num_layers
     assert sum(report["rounding"][k] for k in ("gptq", "rtn")) == 7 * model.config.num_layers
+    assert report["gptq_shrink"] == 0.0
 
 
 def test_allocate_spends_bits_where_error_per_byte_is_highest():

@@ -192,7 +192,8 @@ class GGUFSink:
             f"({totals['held_out']} decided on held-out calibration tokens)")
         per_layer = [[(r.get("rounding") or {}).get(k, 0) for k in ("gptq", "rtn", "held_out")] for r in reports]
         metadata = {"kanana_quant.quantize_report": json.dumps({"rounding": totals,
-                                                                "per_layer_gptq_rtn_held_out": per_layer})}
+                                                                "per_layer_gptq_rtn_held_out": per_layer,
+                                                                "gptq_shrink": self.opts.gptq_shrink(gguf=True)})}
         try:
             # calibrated: the types llama-quantize picks with an importance matrix, so the files compare at equal size
             export_gguf(self.model, self.out, self.file_type, packed=_PackedLayers(files), has_imatrix=True,
