@@ -58,8 +58,8 @@ OURS = "kanana-quant gptq"
 
 
 def perplexity(tools: dict, path: Path, text: Path, ctx: int, chunks: int) -> float:
-    out = run_tool([tools["llama-perplexity"], "-m", path, "-f", text, "-c", ctx, "--chunks", chunks, "-t", THREADS,
-               "-b", ctx], f"llama-perplexity {path.name}")
+    out = run_tool([tools["llama-perplexity"], "-m", path, "-f", text, "-c", ctx, "--chunks", chunks, "-t",
+                    THREADS, "-b", ctx], f"llama-perplexity {path.name}")
     return float(re.search(r"Final estimate: PPL = ([0-9.]+)", out).group(1))
 
 
@@ -124,20 +124,22 @@ def main() -> None:
         t0 = time.perf_counter()
         imatrix = tmp / "imatrix.gguf"
         run_tool([bins["llama-imatrix"], "-m", f16, "-f", calib, "-o", imatrix, "-c", args.seq_len, "--chunks",
-             args.samples, "-t", THREADS, "-b", args.seq_len], "llama-imatrix")
+                  args.samples, "-t", THREADS, "-b", args.seq_len], "llama-imatrix")
         imatrix_s = time.perf_counter() - t0
         for file_type in args.types:
             made = {}
             for method, extra in (("llama.cpp", []), ("llama.cpp+imatrix", ["--imatrix", imatrix])):
                 t0 = time.perf_counter()
                 out = tmp / f"{method}-{file_type}.gguf"
-                run_tool([bins["llama-quantize"], *extra, f16, out, file_type, THREADS], f"llama-quantize {file_type}")
+                run_tool([bins["llama-quantize"], *extra, f16, out, file_type, THREADS],
+                         f"llama-quantize {file_type}")
                 made[method] = (out, time.perf_counter() - t0 + (imatrix_s if extra else 0))
             notes = {}
             if autoround_python is not None and file_type in AUTOROUND_TYPES:
                 out = tmp / f"autoround-{file_type}.gguf"
                 run_tool([autoround_python, AUTOROUND_SCRIPT, tmp / "float-hf", tmp / "calibration.npy", out,
-                     "--type", AUTOROUND_TYPES[file_type], "--iters", args.autoround_iters], f"AutoRound {file_type}")
+                          "--type", AUTOROUND_TYPES[file_type], "--iters", args.autoround_iters],
+                         f"AutoRound {file_type}")
                 report = json.loads(out.with_suffix(".gguf.json").read_text())
                 made[autoround_name] = (out, report["seconds"])
                 notes[autoround_name] = {"tool": report["versions"], "scheme": report["scheme"]}
