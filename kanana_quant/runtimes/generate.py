@@ -44,6 +44,11 @@ def kv_capacity(length: int, capacity: int, max_seq_len: int, minimum: int = 256
     return min(max(length, 2 * capacity, minimum), max_seq_len)
 
 
+# Slow drafting steps in a row after which a drafter whose pauses are not free (a draft model) stops for the
+# rest of the text. Pausing 2, 4, 8… steps would make it catch up on all of them at every retry.
+DRAFT_MODEL_GIVE_UP = 3
+
+
 class Constraint(Protocol):
     """Which tokens may come next (grammar-constrained decoding, runtimes.grammar): consulted before every
     draw and told every token drawn."""
@@ -84,7 +89,8 @@ class Decoding:
         self.engine, self.prompt_ids, self.max_tokens, self.params = engine, list(prompt_ids), max_tokens, params
         self.stop_ids, self.cached, self.constraint, self.logprobs = set(stop_ids), cached, constraint, logprobs
         self.drafter = drafter if constraint is None else None
-        self.adaptive = Adaptive(k_max=k_max, k=min(2, k_max))
+        self.adaptive = Adaptive(k_max=k_max, k=min(2, k_max), give_up=(
+            None if self.drafter is None or self.drafter.pausing_is_free else DRAFT_MODEL_GIVE_UP))
         self.forwards = 0  # model forwards after the prompt (for speed accounting)
         self.finish_reason: str | None = None
 
@@ -94,6 +100,7 @@ class Decoding:
         logits = engine.forward(history[self.cached:])
         self.finish_reason = "length"
         if self.drafter is not None:
+            self.drafter.start(history)
             yield from self._speculative(sampler, history, logits)
             return
         for _ in range(self.max_tokens):

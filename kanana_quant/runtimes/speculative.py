@@ -16,7 +16,7 @@ keeps a draft only if it is the target's argmax, so its output is plain greedy's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -32,6 +32,14 @@ class Draft:
 
 
 class Drafter(Protocol):
+    # True when pausing saves the drafter nothing: a draft model's cache must still read every token emitted
+    # meanwhile, at its next proposal. Decoding then stops drafting for the rest of a text that keeps
+    # drafting slow, instead of pausing and paying that catch-up again and again.
+    pausing_is_free: bool
+
+    def start(self, prompt: Sequence[int]) -> None:
+        """The target has just read `prompt`: get ready to draft after it (part of the prompt's prefill)."""
+
     def propose(self, history: Sequence[int], k: int) -> Draft:
         """Up to k tokens likely to follow `history` (fewer, or none, when it has no good guess)."""
 
@@ -52,6 +60,10 @@ class PromptLookup:
 
     max_ngram: int = 8
     min_ngram: int = 2
+    pausing_is_free: ClassVar[bool] = True
+
+    def start(self, prompt: Sequence[int]) -> None:
+        pass  # it reads the history itself at every step
 
     def propose(self, history: Sequence[int], k: int) -> Draft:
         if k <= 0:
@@ -75,14 +87,23 @@ class DraftModel:
     """A smaller model with the same tokenizer drafts k tokens one by one with the target's sampling
     settings (so its q is the distribution the rule needs); its KV cache follows the accepted tokens."""
 
+    pausing_is_free = False
+
     def __init__(self, engine, sampler: Sampler):
         self.engine, self.sampler = engine, sampler
         self.fed: list[int] = []  # tokens whose keys and values are in the draft engine's cache
 
-    def propose(self, history: Sequence[int], k: int) -> Draft:
+    def start(self, prompt: Sequence[int]) -> None:
+        """Prefill the draft's cache with the prompt alongside the target's, so that its cost counts as prefill
+        and not against the first drafting step: with SmolLM2 4-bit drafting for its 8-bit self (onnxruntime,
+        2 threads), an 850-token prompt read at the first proposal made that one step cost about 100 plain
+        ones."""
+        if len(prompt) < self.engine.max_seq_len:
+            self._feed(prompt)
+
+    def _feed(self, history: list[int] | Sequence[int]) -> np.ndarray:
+        """Bring the draft's cache to `history` (reusing its common prefix) and return the next-token logits."""
         history = list(history)
-        if k <= 0 or len(history) + k > self.engine.max_seq_len:
-            return Draft([])
         keep = 0
         for a, b in zip(self.fed, history):
             if a != b:
@@ -91,7 +112,14 @@ class DraftModel:
         keep = min(keep, len(history) - 1)  # feed at least one token, to get logits
         self.engine.pos = keep
         logits = self.engine.forward(history[keep:])
-        self.fed = list(history)
+        self.fed = history
+        return logits
+
+    def propose(self, history: Sequence[int], k: int) -> Draft:
+        history = list(history)
+        if k <= 0 or len(history) + k > self.engine.max_seq_len:
+            return Draft([])
+        logits = self._feed(history)
         tokens, probs, seen = [], [], list(history)
         for i in range(k):
             filtered = self.sampler.filter_logits(logits, seen)
@@ -127,17 +155,24 @@ class Adaptive:
     bench/lookup_sim.py's replay and bought nothing the timing does not). A plain step right
     after the first drafting one measures a plain step's cost if no plain step has yet. With temperature > 0
     the pauses change which random draws are made, so a seeded run's text can differ from run to run; every
-    token is still distributed as in plain sampling."""
+    token is still distributed as in plain sampling.
+
+    With `give_up`, that many slow drafting steps in a row end drafting for good (for a drafter whose pauses
+    are not free, Drafter.pausing_is_free)."""
 
     k_max: int = 8
     k: int = 4
+    give_up: int | None = None
     pause: int = 0  # plain steps left before drafting again
     slow: int = 0  # drafting steps in a row that cost more per token than plain ones
+    stopped: bool = False
     accepted: int = field(default=0)
     proposed: int = field(default=0)
     plain_seconds: float | None = None  # running cost of one plain step (one emitted token)
 
     def size(self) -> int:
+        if self.stopped:
+            return 0
         if self.pause > 0:
             self.pause -= 1
             return 0
@@ -166,6 +201,7 @@ class Adaptive:
         elif seconds / (accepted + 1) > self.plain_seconds:  # this step emitted accepted + 1 tokens
             self.slow += 1
             self.pause = max(self.pause, min(2 ** self.slow, 64))
+            self.stopped = self.give_up is not None and self.slow >= self.give_up
         else:
             self.slow = 0
 
