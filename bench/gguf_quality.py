@@ -5,7 +5,7 @@ on the same calibration windows) and `kanana-quant quantize --format gguf` (GPTQ
 the never-worse-than-RTN guard).
 
     python bench/gguf_quality.py [--types Q4_0 Q4_K_M Q3_K_M Q2_K IQ4_XS] [--chunks 40] [--samples 32]
-                                 [--methods autoround,ours] [--autoround-iters 0]
+                                 [--methods autoround,ours] [--autoround-iters 0 [--autoround-alg-ext]]
 
 The llama.cpp rows (the reference of every ratio) are made on every run; --methods picks the others, and a run
 of some methods keeps the earlier rows of the rest measured with the same scorer and calibration.
@@ -79,14 +79,19 @@ def main() -> None:
                     help="our GPTQ's Hessian shrink toward its diagonal (rows at another value than the default are "
                          "named with it)")
     ap.add_argument("--autoround-iters", type=int, default=0,
-                    help="AutoRound's tuning iterations per block (0: its recommended GGUF mode; its default is 200)")
+                    help="AutoRound's tuning iterations per block (0: its recommended GGUF mode except at 3 bits; its "
+                         "default is 200)")
+    ap.add_argument("--autoround-alg-ext", action="store_true",
+                    help="AutoRound's enable_alg_ext GGUF tuning (its most accurate mode; needs --autoround-iters > 0)")
     args = ap.parse_args()
+    if args.autoround_alg_ext and args.autoround_iters == 0:
+        ap.error("--autoround-alg-ext tunes: give --autoround-iters > 0 (AutoRound's default is 200)")
     methods = {m.strip() for m in args.methods.split(",") if m.strip()}
     known = {"autoround", "ours", "target-bpw"}
     if methods - known:
         ap.error(f"--methods: unknown {', '.join(sorted(methods - known))} ({', '.join(sorted(known))})")
     autoround_python = bench_venv("autoround", AUTOROUND_INSTALLS) if "autoround" in methods else None
-    autoround_name = f"AutoRound (iters {args.autoround_iters})"
+    autoround_name = f"AutoRound (iters {args.autoround_iters}{', alg-ext' if args.autoround_alg_ext else ''})"
     knobs = [f"damp {args.damp:g}"] if args.damp != QuantOptions.damp else []
     knobs += [f"shrink {args.shrink:g}"] if args.shrink not in (None, GGUF_SHRINK) else []
     ours_name = f"{OURS} ({', '.join(knobs)})" if knobs else OURS
@@ -138,7 +143,8 @@ def main() -> None:
             if autoround_python is not None and file_type in AUTOROUND_TYPES:
                 out = tmp / f"autoround-{file_type}.gguf"
                 run_tool([autoround_python, AUTOROUND_SCRIPT, tmp / "float-hf", tmp / "calibration.npy", out,
-                          "--type", AUTOROUND_TYPES[file_type], "--iters", args.autoround_iters],
+                          "--type", AUTOROUND_TYPES[file_type], "--iters", args.autoround_iters,
+                          *(["--alg-ext"] if args.autoround_alg_ext else [])],
                          f"AutoRound {file_type}")
                 report = json.loads(out.with_suffix(".gguf.json").read_text())
                 made[autoround_name] = (out, report["seconds"])
