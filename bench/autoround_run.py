@@ -8,7 +8,8 @@ CALIB.npy: the [samples, seq_len] int64 token windows our quantizers and llama-i
 takes them as its dataloader (one window per batch), so every method sees the same tokens. --iters 0 is
 AutoRound's recommended GGUF mode (its own RTN search, no sign-gradient tuning); its default is 200 iterations
 per block, which it recommends for 3-bit types; --alg-ext adds its SignRoundV2 GGUF variant (`enable_alg_ext`,
-tuning only), its most accurate and costliest GGUF mode. Writes OUT.gguf and OUT.gguf.json: versions, settings and seconds.
+tuning only), its most accurate and costliest GGUF mode. Writes OUT.gguf and OUT.gguf.json: versions, settings
+and seconds.
 """
 
 from __future__ import annotations

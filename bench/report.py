@@ -142,7 +142,8 @@ def _autoround_note(g: dict) -> str:
             f"(bench/autoround_run.py; transformers {tool['transformers']}, torch {tool['torch']}) on the same "
             "windows; iters 0 is its optimized RTN search weighted by the calibration activations (what it "
             "recommends for GGUF except at 3 bits), 200 its sign-gradient tuning, alg-ext its `enable_alg_ext` "
-            "variant of that tuning (its most accurate GGUF mode). It exports no IQ types, and Q2_K only as its q2_k_s mix.")
+            "variant of that tuning (its most accurate GGUF mode). It exports no IQ types, and Q2_K only as its "
+            "q2_k_s mix.")
 
 
 def gguf_section(g: dict) -> list[str]:

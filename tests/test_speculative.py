@@ -133,7 +133,7 @@ def test_a_draft_model_reads_the_prompt_before_the_first_token(model_dirs):
     decoding = iter(Decoding(NumpyEngine(target.weights), ids, 8, SamplingParams(), drafter=drafter))
     next(decoding)
     assert drafter.fed == ids and drafter.engine.pos == len(ids)
-    # a drafter that keeps no cache is told too, and needs nothing
+    # prompt lookup keeps no cache of its own, so its pauses cost nothing and it never gives up
     assert PromptLookup.pausing_is_free and not DraftModel.pausing_is_free
 
 
