@@ -165,7 +165,6 @@ class Adaptive:
     give_up: int | None = None
     pause: int = 0  # plain steps left before drafting again
     slow: int = 0  # drafting steps in a row that cost more per token than plain ones
-    stopped: bool = False
     accepted: int = field(default=0)
     proposed: int = field(default=0)
     plain_seconds: float | None = None  # running cost of one plain step (one emitted token)
@@ -201,9 +200,13 @@ class Adaptive:
         elif seconds / (accepted + 1) > self.plain_seconds:  # this step emitted accepted + 1 tokens
             self.slow += 1
             self.pause = max(self.pause, min(2 ** self.slow, 64))
-            self.stopped = self.give_up is not None and self.slow >= self.give_up
         else:
             self.slow = 0
+
+    @property
+    def stopped(self) -> bool:
+        # for good: once stopped no drafting step is recorded, so `slow` stays
+        return self.give_up is not None and self.slow >= self.give_up
 
     @property
     def rate(self) -> float:
