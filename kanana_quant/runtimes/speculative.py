@@ -101,7 +101,7 @@ class DraftModel:
         if len(prompt) < self.engine.max_seq_len:
             self._feed(prompt)
 
-    def _feed(self, history: list[int] | Sequence[int]) -> np.ndarray:
+    def _feed(self, history: Sequence[int]) -> np.ndarray:
         """Bring the draft's cache to `history` (reusing its common prefix) and return the next-token logits."""
         history = list(history)
         keep = 0
