@@ -157,6 +157,23 @@ LLAMACPP_TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as the Python binding is built (llama.cpp #20824)
 
 
+def llamacpp_python_source() -> Path:
+    """The installed llama-cpp-python version's sdist, unpacked under CACHE (fetched with pip once)."""
+    from importlib.metadata import version
+
+    ver = version("llama-cpp-python")
+    src = CACHE / f"llama-cpp-python-{ver}"
+    if not (src / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                            "-d", tmp, f"llama-cpp-python=={ver}"], check=True)
+            sdist = next(Path(tmp).glob("*.tar.gz"))
+            src.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["tar", "xzf", str(sdist), "--strip-components=1", "-C", str(src)], check=True)
+    return src
+
+
 def llamacpp_tools() -> dict:
     """llama-imatrix, llama-quantize and llama-perplexity built with cmake from the llama.cpp that the installed
     llama-cpp-python vendors (its sdist, fetched with pip once), cached under CACHE; returns their paths and
@@ -164,17 +181,10 @@ def llamacpp_tools() -> dict:
     from importlib.metadata import version
 
     ver = version("llama-cpp-python")
-    src = CACHE / f"llama-cpp-python-{ver}"
     build = CACHE / f"llama.cpp-tools-{ver}" / "build"
     bins = {t: build / "bin" / t for t in LLAMACPP_TOOLS}
     if not all(p.is_file() for p in bins.values()):
-        if not (src / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
-            with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                                "-d", tmp, f"llama-cpp-python=={ver}"], check=True)
-                sdist = next(Path(tmp).glob("*.tar.gz"))
-                src.mkdir(parents=True, exist_ok=True)
-                subprocess.run(["tar", "xzf", str(sdist), "--strip-components=1", "-C", str(src)], check=True)
+        src = llamacpp_python_source()
         print(f"building {', '.join(LLAMACPP_TOOLS)} from llama-cpp-python {ver}'s llama.cpp (once, ~15 min)",
               flush=True)
         subprocess.run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), "-DGGML_NATIVE=ON",

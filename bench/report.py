@@ -409,6 +409,23 @@ def cost_section(c: dict) -> list[str]:
     return lines + [""]
 
 
+def amx_build_section(a: dict) -> list[str]:
+    """amx_build.py: README's install flags against a plain build, both compiled as on an Intel Xeon with AMX."""
+    lines = ["## llama.cpp built as on an Intel Xeon with AMX", "",
+             f"Data: {provenance(a)}. llama-cpp-python ({a['source']}) built twice with `pip wheel` from its sdist, "
+             "as README's install line builds it, with a compiler wrapper that turns ggml's `-march=native` into "
+             "`-march=sapphirerapids` (what native means on those Xeons); each wheel's libraries disassembled. "
+             "AMX instructions are what ggml's AMX buffer (llama.cpp #20824) compiles to.", "",
+             "| CFLAGS / CXXFLAGS | compiles with -march=native | of them with the -mno-amx flags | AMX instructions "
+             "| AVX-512 register uses | build s |", "|---|---|---|---|---|---|"]
+    for r in a["rows"]:
+        amx = ", ".join(f"{lib} {v['amx']}" for lib, v in r["libraries"].items() if v["amx"]) or "0"
+        avx512 = sum(v["avx512"] for v in r["libraries"].values())
+        lines.append(f"| `{r['cflags'] or '(unset)'}` | {r['native_compiles']} | {r['native_flags_with_amx_off']} "
+                     f"| {amx} | {avx512} | {r['seconds']} |")
+    return lines + [""]
+
+
 def kv_cache_section(k: dict) -> list[str]:
     lines = ["## KV-cache types: perplexity cost on long text", "",
              f"Data: {provenance(k)}. {k['model']} scored in {k['windows']} windows of {k['ctx']} tokens of held-out "
@@ -599,6 +616,9 @@ def main() -> None:
         lines += serve_section(serve)
     if grammar:
         lines += grammar_section(grammar)
+    amx_build = load("amx_build")
+    if amx_build:
+        lines += amx_build_section(amx_build)
     kv_cache, long_context = load("kv_cache"), load("long_context")
     if kv_cache:
         lines += kv_cache_section(kv_cache)

@@ -131,3 +131,28 @@ def test_amx_build_loads_without_extra_buffers_and_still_matches(exports, monkey
     assert plain.llm.model_params.use_extra_bufts is False and "#20824" in plain.configuration
     ours, theirs = plain.forward(ids), default.forward(ids)
     assert theirs.std() > 0.5 and np.max(np.abs(ours - theirs)) <= 1e-2 * np.abs(theirs).max()
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.parametrize("compiler", ["cc", "c++"])
+def test_readme_install_flags_compile_out_amx_on_an_amx_cpu(compiler):
+    """On any x86 machine: README's install lines set CFLAGS and CXXFLAGS to NO_AMX_FLAGS, and with those ahead
+    of `-march=sapphirerapids` (where ggml's build puts `-march=native` on an Intel Xeon with AMX) the compiler
+    pip uses defines no __AMX_INT8__, the macro that compiles ggml's AMX buffer in; without them it does."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    for marker in ("<!-- demo-command -->", "<!-- test-command -->"):
+        command = lines[lines.index(marker) + 1]
+        assert f'CFLAGS="{llamacpp_engine.NO_AMX_FLAGS}" CXXFLAGS="{llamacpp_engine.NO_AMX_FLAGS}" pip' in command
+
+    def amx_macros(*flags: str) -> list[str]:
+        done = subprocess.run([compiler, *flags, "-march=sapphirerapids", "-dM", "-E", "-x",
+                               "c" if compiler == "cc" else "c++", "-"], input="", capture_output=True, text=True)
+        if done.returncode and "sapphirerapids" in done.stderr:  # such a compiler cannot build AMX code either
+            pytest.skip(f"{compiler} predates -march=sapphirerapids (gcc 11, clang 12), so it has no AMX to leave out")
+        assert done.returncode == 0, done.stderr
+        return sorted(line.split()[1] for line in done.stdout.splitlines() if "__AMX_" in line)
+
+    assert {"__AMX_INT8__", "__AMX_TILE__"} <= set(amx_macros())  # the check can fail
+    assert amx_macros(*llamacpp_engine.NO_AMX_FLAGS.split()) == []
