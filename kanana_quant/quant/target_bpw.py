@@ -12,6 +12,9 @@ embedding and the output tensor keep the base mix's types and are not counted in
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
@@ -83,7 +86,8 @@ def sensitivities(model: LoadedModel, opts: QuantOptions, on_layer=None) -> dict
     del embed
     source = {"q": "q", "k": "q", "v": "q", "o": "o", "gate": "gate", "up": "gate", "down": "down"}
     errors: dict[str, dict[T, float]] = {}
-    with torch.inference_mode():
+    # numpy releases the GIL in its array loops, so the candidate types' roundings run on every core
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for i in range(cfg.num_layers):
             w = {r: torch.from_numpy(a) for r, a in model.weights.layer(i).items()}
             model.weights.close()
@@ -93,10 +97,12 @@ def sensitivities(model: LoadedModel, opts: QuantOptions, on_layer=None) -> dict
                 for k, v in _inputs(layer, acts[b:b + opts.batch]).items():
                     sq[k] = sq.get(k, 0) + (v * v).sum(0)
                 acts[b:b + opts.batch] = layer.forward(acts[b:b + opts.batch])
+            jobs = {}
             for role in ROLES:
                 imp = (sq[source[role]] / (len(acts) * opts.seq_len)).numpy().astype(np.float32)
                 weight = w[role].numpy()
-                errors[f"layers.{i}.{role}"] = {t: _error(weight, imp, t) for t in ladder(weight.shape[1])}
+                jobs[f"layers.{i}.{role}"] = {t: pool.submit(_error, weight, imp, t) for t in ladder(weight.shape[1])}
+            errors.update({n: {t: job.result() for t, job in by_type.items()} for n, by_type in jobs.items()})
             if on_layer:
                 on_layer(i)
     return errors
