@@ -154,7 +154,6 @@ def run_tool(cmd: list, what: str) -> str:
 
 
 LLAMACPP_TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
-NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as the Python binding is built (llama.cpp #20824)
 
 
 def llamacpp_python_source() -> Path:
@@ -180,6 +179,8 @@ def llamacpp_tools() -> dict:
     the build's `--version` line."""
     from importlib.metadata import version
 
+    from kanana_quant.runtimes.llamacpp_engine import NO_AMX_FLAGS  # as the Python binding is built (#20824)
+
     ver = version("llama-cpp-python")
     build = CACHE / f"llama.cpp-tools-{ver}" / "build"
     bins = {t: build / "bin" / t for t in LLAMACPP_TOOLS}
@@ -188,11 +189,12 @@ def llamacpp_tools() -> dict:
         print(f"building {', '.join(LLAMACPP_TOOLS)} from llama-cpp-python {ver}'s llama.cpp (once, ~15 min)",
               flush=True)
         subprocess.run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), "-DGGML_NATIVE=ON",
-                        "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}",
+                        "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}",
+                        f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}",
                         "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"], check=True, capture_output=True)
         subprocess.run(["cmake", "--build", str(build), "--target", *LLAMACPP_TOOLS, "-j2"], check=True,
                        capture_output=True)
     done = subprocess.run([str(bins["llama-perplexity"]), "--version"], capture_output=True, text=True)
     line = next((x for x in (done.stdout + done.stderr).splitlines() if x.startswith("version")), "?")
-    return {"paths": bins, "build": f"llama-cpp-python {ver}'s llama.cpp, {line.strip()}, -DGGML_NATIVE=ON {NO_AMX}"}
+    return {"paths": bins, "build": f"llama-cpp-python {ver}'s llama.cpp, {line.strip()}, -DGGML_NATIVE=ON {NO_AMX_FLAGS}"}
