@@ -59,8 +59,10 @@ def build(src: Path, work: Path, flags: str | None) -> dict:
     libraries, seen = {}, set()
     with zipfile.ZipFile(next(out.glob("*.whl"))) as wheel:
         for member in wheel.namelist():
+            if ".so" not in Path(member).name:
+                continue
             digest = hashlib.sha256(wheel.read(member)).hexdigest()
-            if ".so" not in Path(member).name or digest in seen:  # the wheel stores symlinks as copies
+            if digest in seen:  # the wheel stores symlinks as copies
                 continue
             seen.add(digest)
             path = Path(wheel.extract(member, work / f"{name}-unpacked"))
